@@ -63,8 +63,16 @@ def split_wikitext_articles(text: str) -> list[str]:
     """Cut WikiText into articles; each begins at a top-level `` = Title = `` heading line."""
     lines = text.splitlines(keepends=True)
     starts = [i for i, line in enumerate(lines) if _TOP_HEADING.match(line.rstrip("\r\n"))]
-    if not starts or starts[0] != 0:
-        starts = [0] + starts
+    if not starts:
+        starts = [0]
+    elif starts[0] != 0:
+        # Text before the first heading is its own document, unless it is only blank lines (as at
+        # the top of every WikiText file): those join the first article instead of becoming a
+        # whitespace-only document.
+        if "".join(lines[:starts[0]]).strip():
+            starts = [0] + starts
+        else:
+            starts[0] = 0
     bounds = starts + [len(lines)]
     return ["".join(lines[a:b]) for a, b in zip(bounds, bounds[1:]) if a < b]
 
@@ -217,15 +225,26 @@ def tokenize_documents(docs: list[str], tokenizer: Tokenizer) -> TokenStream:
     return TokenStream(tokens, doc_starts)
 
 
+def _stream_fits(tokens: np.ndarray, doc_starts: np.ndarray, n_docs: int) -> bool:
+    """Whether cached arrays are shaped like ``tokenize_documents``'s output for ``n_docs`` documents."""
+    return (tokens.ndim == 1 and doc_starts.ndim == 1 and len(doc_starts) == n_docs + 1
+            and np.issubdtype(tokens.dtype, np.integer) and np.issubdtype(doc_starts.dtype, np.integer)
+            and len(tokens) > 0 and doc_starts[0] == 0 and doc_starts[-1] == len(tokens) - 1)
+
+
 def cached_token_stream(docs: list[str], tokenizer: Tokenizer, cache_dir: Path | None = None) -> TokenStream:
     """Tokenize once per (content, tokenizer); later runs memory-map the saved arrays."""
     folder = (cache_dir or default_cache_dir()) / content_key(docs, tokenizer)
     tokens_path, starts_path = folder / "tokens.npy", folder / "doc_starts.npy"
     if tokens_path.is_file() and starts_path.is_file():
         try:
-            return TokenStream(np.load(tokens_path, mmap_mode="r"), np.load(starts_path))
-        except (ValueError, OSError):
+            tokens, doc_starts = np.load(tokens_path, mmap_mode="r"), np.load(starts_path)
+        except (ValueError, OSError, EOFError):  # EOFError: a zero-length file
             pass  # a damaged cache entry is rebuilt below
+        else:
+            if _stream_fits(tokens, doc_starts, len(docs)):
+                return TokenStream(tokens, doc_starts)
+            # arrays that parse but do not fit together (or these documents) are rebuilt too
     stream = tokenize_documents(docs, tokenizer)
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,123 @@
+"""The ``pocketlm`` command: each subcommand is a plain typed function.
+
+Errors in the user's input (bad flags, missing files, offline Hub, foreign checkpoints, NaN
+losses) print one line, ``pocketlm: error: ...``, and exit with status 2. SIGINT/SIGTERM during
+training save a checkpoint and exit with 128 + the signal number.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from pocketlm.errors import PocketLMError
+
+# Typer >= 0.20 vendors its own click; older releases raise the click package's exceptions.
+_USAGE_ERRORS = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
+_EXIT = (click.exceptions.Exit, typer.Exit)
+_ABORT = (click.exceptions.Abort, typer.Abort)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Train a GPT-2-class model from scratch, evaluate it, generate text.")
+
+
+@app.command("train")
+def train_command(
+    preset: Optional[str] = typer.Option(None, help="Model preset: gpt2-125m (default) or tiny."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file whose keys are TrainConfig fields; flags override it."),
+    data: Optional[str] = typer.Option(None, help="WikiText dir, text file, dir of .txt files, or hf:NAME[:CONFIG]. Default: the Hub's WikiText-2."),
+    out_dir: Optional[str] = typer.Option(None, help="Run directory (default runs/<preset>). The same one again resumes."),
+    resume: Optional[str] = typer.Option(None, help="Resume from this checkpoint (or run) directory."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps to run; overrides --epochs."),
+    epochs: Optional[int] = typer.Option(None, help="Passes over the training set (default 3)."),
+    batch_size: Optional[int] = typer.Option(None, help="Micro-batch size in sequences (default 4)."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step (default 4)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 3e-4)."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Linear warmup steps, capped at 10% of the run (default 100)."),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay on 2-D+ tensors (default 0.1)."),
+    batching: Optional[str] = typer.Option(None, help="bucket (default), pack or random."),
+    device: Optional[str] = typer.Option(None, help="auto (default), cpu, cuda or mps."),
+    precision: Optional[str] = typer.Option(None, help="auto (default), fp32, bf16 or fp16."),
+    seed: Optional[int] = typer.Option(None, help="Seed for init, data order and dropout (default 1337)."),
+    eval_interval: Optional[int] = typer.Option(None, help="Evaluate every N steps (default 250) and at the end."),
+    eval_batches: Optional[int] = typer.Option(None, help="Cap validation micro-batches per evaluation."),
+    save_interval: Optional[int] = typer.Option(None, help="Checkpoint every N steps (default 250) and at the end."),
+    keep_checkpoints: Optional[int] = typer.Option(None, help="Newest checkpoints to keep (default 3)."),
+    log_interval: Optional[int] = typer.Option(None, help="Write a step line to metrics.jsonl every N steps (default 10)."),
+    val_fraction: Optional[float] = typer.Option(None, help="Validation share of documents for sources without one (default 0.1)."),
+    cache_dir: Optional[str] = typer.Option(None, help="Token cache directory (default ~/.cache/pocketlm)."),
+) -> None:
+    """Train (or resume) a model."""
+    from pocketlm.config import build_train_config
+    from pocketlm.train import train
+
+    cfg = build_train_config(
+        config, preset=preset, data=data, out_dir=out_dir, resume=resume, max_steps=max_steps, epochs=epochs,
+        batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
+        batching=batching, device=device, precision=precision, seed=seed, eval_interval=eval_interval,
+        eval_batches=eval_batches, save_interval=save_interval, keep_checkpoints=keep_checkpoints,
+        log_interval=log_interval, val_fraction=val_fraction, cache_dir=cache_dir)
+    result = train(cfg)
+    where = result.final_checkpoint or result.out_dir
+    loss = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    print(f"done: step {result.step}{loss}; checkpoint {where}")
+
+
+@app.command("eval")
+def eval_command(
+    checkpoint: Path = typer.Option(..., help="Checkpoint directory, or a run directory (its latest checkpoint)."),
+    data: str = typer.Option(..., help="Text to evaluate: WikiText dir, text file, dir of .txt files, or hf:NAME."),
+    split: str = typer.Option("auto", help="auto (test if present, else validation), train, validation, test or all."),
+    batch_size: int = typer.Option(4, min=1, help="Micro-batch size."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    precision: str = typer.Option("fp32", help="fp32, bf16, fp16 or auto."),
+) -> None:
+    """Report loss, perplexity, bits per byte and (WikiText) word-level perplexity. The last line is JSON."""
+    from pocketlm.checkpoint import load_model
+    from pocketlm.device import resolve_device, resolve_precision
+    from pocketlm.evaluate import choose_split, evaluate_documents
+
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    model, tokenizer, ckpt = load_model(checkpoint, dev)
+    docs, wikitext, chosen = choose_split(data, split, ckpt.config["train"].get("val_fraction", 0.1))
+    report = evaluate_documents(model, tokenizer, docs, wikitext=wikitext, batch_size=batch_size,
+                                device=dev, precision=prec)
+    print(f"checkpoint {ckpt.path} (step {ckpt.step}) on the {chosen} split of {data}: "
+          f"{report.tokens:,} tokens, {report.bytes:,} bytes, {report.words:,} words", file=sys.stderr)
+    word = f", word ppl {report.word_ppl:.2f}" if report.word_ppl is not None else ""
+    print(f"loss {report.loss:.4f}, ppl {report.ppl:.2f}, bits/byte {report.bpb:.4f}{word}", file=sys.stderr)
+    print(json.dumps(report.as_dict()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit status instead of calling sys.exit itself."""
+    from pocketlm.train import Interrupted
+
+    command = typer.main.get_command(app)
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        result = command.main(args=args or ["--help"], prog_name="pocketlm", standalone_mode=False)
+    except _EXIT as exc:  # --help, or a command that asked to exit
+        return getattr(exc, "exit_code", getattr(exc, "code", 0))
+    except _USAGE_ERRORS as exc:  # bad flag values, unknown options: one line
+        print(f"pocketlm: error: {exc.format_message()}", file=sys.stderr)
+        return 2
+    except PocketLMError as exc:
+        print(f"pocketlm: error: {exc}", file=sys.stderr)
+        return 2
+    except Interrupted as exc:
+        print(f"pocketlm: {exc}; saved {exc.checkpoint}; run the same command again to resume", file=sys.stderr)
+        return 128 + exc.signum
+    except _ABORT:  # Ctrl-C outside the training loop
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""The training loop: accumulation, cosine LR, mixed precision, evaluation, crash-safe checkpoints.
+
+Exact resume: the data order is a pure function of (seed, epoch) (see batching.py), and a
+checkpoint holds the weights, optimizer, schedule, scaler, RNG states and the position inside
+the epoch. A run restarted from any checkpoint therefore takes the same steps as one that was
+never interrupted, bit for bit on a CPU in fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from pocketlm.batching import MicroBatch, PaddingStats, collate, epoch_batches
+from pocketlm.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from pocketlm.config import TrainConfig
+from pocketlm.data import ExampleSet, load_dataset
+from pocketlm.device import autocast, resolve_device, resolve_precision
+from pocketlm.errors import ConfigError, TrainingError
+from pocketlm.metrics import MetricsLog
+from pocketlm.model import GPT, decay_groups, token_nll_sum
+from pocketlm.tokenizer import get_tokenizer
+
+# Fields that may differ when a run is resumed: they change how it is watched, not its result.
+RUNTIME_FIELDS = {"out_dir", "resume", "device", "eval_interval", "save_interval",
+                  "keep_checkpoints", "log_interval", "cache_dir", "eval_batches"}
+
+
+@dataclass
+class CosineSchedule:
+    """Linear warmup to the peak, then cosine decay to ``min_ratio`` of it at ``total_steps``."""
+
+    peak_lr: float
+    total_steps: int
+    warmup_steps: int
+    min_ratio: float = 0.1
+
+    def lr(self, step: int) -> float:
+        """Learning rate for optimizer step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return self.peak_lr * (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        floor = self.peak_lr * self.min_ratio
+        return floor + 0.5 * (self.peak_lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Progress:
+    """Where the run is: ``micro_index`` is the next micro-batch of epoch ``epoch``."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_index: int = 0
+    tokens_seen: int = 0
+
+
+def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2)}
+    if device.type == "cuda":
+        kwargs["fused"] = True  # one kernel for the whole update
+    return torch.optim.AdamW(decay_groups(model, cfg.weight_decay), **kwargs)
+
+
+def train_step(model: GPT, optimizer: torch.optim.Optimizer, micro_batches: list[MicroBatch], *,
+               lr: float, device: torch.device, precision: str = "fp32",
+               scaler: torch.amp.GradScaler | None = None, grad_clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over ``micro_batches``; returns (loss, grad norm) as tensors.
+
+    Each micro-batch's summed NLL is divided by the real-token count of the *whole step*, so the
+    accumulated gradient is exactly that of one batch holding every micro-batch (not a mean of
+    per-micro-batch means, which over-weights tokens in short micro-batches).
+    """
+    n_tokens = sum(mb.real_tokens for mb in micro_batches)
+    total = torch.zeros((), device=device)
+    for mb in micro_batches:
+        mb = mb.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(mb.input_ids, position_ids=mb.position_ids, segment_ids=mb.segment_ids)
+        loss = token_nll_sum(logits, mb.targets) / n_tokens
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.detach()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, grad_norm
+
+
+@torch.no_grad()
+def evaluate_loss(model: GPT, examples: ExampleSet, *, batch_size: int, device: torch.device,
+                  precision: str = "fp32", pad_id: int = 0, max_batches: int | None = None) -> tuple[float, int]:
+    """Mean NLL per real token over ``examples`` (length-bucketed, fixed order), and the token count."""
+    was_training = model.training
+    model.eval()
+    batches = epoch_batches("bucket", examples.lengths, batch_size, model.config.block_size, seed=0, epoch=0)
+    nll, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    for batch in batches[:max_batches]:
+        mb = collate(examples, batch, pad_id).to(device)
+        with autocast(device, precision):
+            logits = model(mb.input_ids, position_ids=mb.position_ids, segment_ids=mb.segment_ids)
+        nll += token_nll_sum(logits, mb.targets).double()
+        count += mb.real_tokens
+    model.train(was_training)
+    return (nll.item() / count if count else float("nan")), count
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+@contextmanager
+def deferred_signals() -> Iterator[list[int]]:
+    """Record SIGINT/SIGTERM instead of dying mid-step; the loop saves and stops at a step boundary."""
+    received: list[int] = []
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, _frame: received.append(signum))
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int
+    final_checkpoint: Path | None
+    val_loss: float | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], out_dir: Path) -> None:
+    differing = sorted(k for k in set(saved) | set(current)
+                       if k not in RUNTIME_FIELDS and saved.get(k) != current.get(k))
+    if differing:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing[:4])
+        raise ConfigError(f"{out_dir} holds a run with different settings ({details}); "
+                          "use a new --out-dir to start another run")
+
+
+def capture_rng() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
+          show_progress: bool | None = None) -> TrainResult:
+    """Run (or resume) training as ``cfg`` says. ``on_step`` is called after each optimizer step."""
+    out_dir = cfg.resolved_out_dir()
+    model_cfg = cfg.model_config()
+    config_record = {"train": cfg.to_dict(), "model": dataclasses.asdict(model_cfg)}
+    run_file = out_dir / "config.json"
+    resume_from = Path(cfg.resume) if cfg.resume else latest_checkpoint(out_dir)
+    if run_file.is_file():
+        check_resumable(json.loads(run_file.read_text())["train"], cfg.to_dict(), out_dir)
+
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    tokenizer = get_tokenizer("gpt2")
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    data = load_dataset(cfg.data, tokenizer, model_cfg.block_size, cfg.val_fraction,
+                        Path(cfg.cache_dir) if cfg.cache_dir else None)
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_cfg).to(device)
+    optimizer = build_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    batches_per_epoch = len(epoch_batches(cfg.batching, data.train.lengths, cfg.batch_size,
+                                          model_cfg.block_size, cfg.seed, 0))
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    schedule = CosineSchedule(cfg.lr, total_steps, min(cfg.warmup_steps, total_steps // 10), cfg.min_lr_ratio)
+    progress = Progress()
+
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from, expected_model=model_cfg)
+        check_resumable(ckpt.config["train"], cfg.to_dict(), ckpt.path)
+        load_weights(model, ckpt.weights, ckpt.path)
+        state = ckpt.load_state()
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        progress = Progress(**state["progress"])
+        restore_rng(state["rng"])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps(config_record, indent=2, sort_keys=True))
+    log = MetricsLog(out_dir)
+    log.write({"event": "start", "n_params": model.num_parameters(), "device": str(device),
+               "precision": precision, "config": config_record, "data": data.corpus.description,
+               "train_tokens": data.train.n_tokens, "val_tokens": data.validation.n_tokens,
+               "total_steps": total_steps, "resumed_from": str(resume_from) if resume_from else None,
+               "start_step": progress.step})
+    log.console(f"model {cfg.preset}: {model.num_parameters() / 1e6:.1f}M parameters on {device} ({precision}); "
+                f"{data.train.n_tokens:,} training tokens; {total_steps} steps"
+                + (f"; resuming at step {progress.step}" if progress.step else ""))
+
+    def state_dict() -> dict[str, Any]:
+        return {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "progress": dataclasses.asdict(progress), "rng": capture_rng()}
+
+    def save() -> Path:
+        return save_checkpoint(out_dir, progress.step, model, tokenizer, config_record, state_dict(),
+                               keep=cfg.keep_checkpoints)
+
+    def run_eval() -> float:
+        loss, _ = evaluate_loss(model, data.validation, batch_size=cfg.batch_size, device=device,
+                                precision=precision, pad_id=tokenizer.eot_id, max_batches=cfg.eval_batches)
+        log.write({"event": "eval", "step": progress.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
+        return loss
+
+    model.train()
+    val_loss: float | None = None
+    final: Path | None = latest_checkpoint(out_dir) if progress.step >= total_steps else None
+    if progress.step >= total_steps:
+        log.console(f"run already complete at step {progress.step}; use a new --out-dir to train again")
+    batches = epoch_batches(cfg.batching, data.train.lengths, cfg.batch_size, model_cfg.block_size,
+                            cfg.seed, progress.epoch)
+    bar = tqdm(total=total_steps, initial=progress.step, unit="step", dynamic_ncols=True,
+               disable=(not show_progress) if show_progress is not None else None)
+    window_tokens, window_start = 0, time.perf_counter()
+    with deferred_signals() as signals:
+        while progress.step < total_steps:
+            if progress.micro_index == 0:
+                stats = PaddingStats.of(batches)
+                log.write({"event": "epoch", "epoch": progress.epoch, "real_tokens": stats.real_tokens,
+                           "padded_tokens": stats.padded_tokens, "padding_fraction": stats.padding_fraction})
+            group = batches[progress.micro_index:progress.micro_index + cfg.grad_accum]
+            micro = [collate(data.train, b, tokenizer.eot_id) for b in group]
+            lr = schedule.lr(progress.step)
+            loss, grad_norm = train_step(model, optimizer, micro, lr=lr, device=device, precision=precision,
+                                         scaler=scaler, grad_clip=cfg.grad_clip)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                kept = latest_checkpoint(out_dir)
+                raise TrainingError(f"loss became {loss_value} at step {progress.step + 1}; nothing was saved "
+                                    f"(last good checkpoint: {kept or 'none'}); try a lower --lr or --precision fp32")
+            step_tokens = sum(m.real_tokens for m in micro)
+            progress.step += 1
+            progress.tokens_seen += step_tokens
+            progress.micro_index += len(group)
+            if progress.micro_index >= len(batches):
+                progress.epoch += 1
+                progress.micro_index = 0
+                batches = epoch_batches(cfg.batching, data.train.lengths, cfg.batch_size,
+                                        model_cfg.block_size, cfg.seed, progress.epoch)
+            window_tokens += step_tokens
+            if progress.step % cfg.log_interval == 0 or progress.step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_tokens / elapsed if elapsed > 0 else 0.0
+                log.write({"event": "step", "step": progress.step, "epoch": progress.epoch, "loss": loss_value,
+                           "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s,
+                           "tokens_seen": progress.tokens_seen})
+                window_tokens, window_start = 0, time.perf_counter()
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+            bar.update(1)
+            if progress.step % cfg.eval_interval == 0 or progress.step == total_steps:
+                val_loss = run_eval()
+                bar.write(f"step {progress.step}: val_loss {val_loss:.4f}, val_ppl {math.exp(min(val_loss, 50)):.2f}")
+            if progress.step % cfg.save_interval == 0 or progress.step == total_steps:
+                final = save()
+            if on_step is not None:
+                on_step(progress.step)
+            if signals and progress.step < total_steps:
+                bar.close()
+                saved = save()
+                log.write({"event": "interrupted", "step": progress.step, "checkpoint": str(saved)})
+                log.close()
+                raise Interrupted(signals[0], progress.step, saved)
+    bar.close()
+    log.close()
+    return TrainResult(out_dir, progress.step, final, val_loss, log.history)
