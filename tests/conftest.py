@@ -124,3 +124,11 @@ def hf_offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPat
         monkeypatch.setattr(datasets.config, name, value, raising=False)
     datasets.disable_progress_bars()
     return cache
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory, wiki_articles: list[str]) -> Path:
+    """The first eight articles of WikiText-2's validation split as one small text file."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("".join(wiki_articles[:8]), encoding="utf-8")
+    return path

@@ -171,6 +171,14 @@ def test_kv_cache_left_padded_batch_matches_each_row_alone(model: GPT) -> None:
         torch.testing.assert_close(logits[r, pads[r]:], alone, atol=ATOL, rtol=0)
 
 
+@torch.no_grad()
+def test_overflowing_a_short_kv_cache_is_a_clear_error(model: GPT) -> None:
+    cache = model.new_kv_cache(batch_size=1, max_len=8)
+    model(random_ids(1, 6), kv_cache=cache)
+    with pytest.raises(ValueError):
+        model(random_ids(1, 4), kv_cache=cache)
+
+
 # ---------------------------------------------------------------------------------------------
 # Weights and optimizer groups
 
@@ -227,6 +235,13 @@ def test_token_nll_sum_ignores_ignore_index() -> None:
     logits2 = logits.clone()
     logits2[~keep] += 100 * torch.randn(int((~keep).sum()), 7, generator=g)
     torch.testing.assert_close(token_nll_sum(logits2, targets), got)
+
+
+def test_token_nll_sum_accepts_sliced_fp32_logits() -> None:
+    logits = torch.randn(2, 6, 7)
+    targets = torch.randint(0, 7, (2, 6))
+    expected = token_nll_sum(logits[:, :-1].contiguous(), targets[:, 1:])
+    torch.testing.assert_close(token_nll_sum(logits[:, :-1], targets[:, 1:]), expected)
 
 
 def test_token_nll_sum_is_fp32_for_half_logits() -> None:

@@ -128,7 +128,7 @@ def load_corpus(spec: str | None, val_fraction: float = 0.1) -> Corpus:
         wikitext = looks_like_wikitext(text)
         train, val = hold_out(split_documents(text), val_fraction, str(path))
         return Corpus({"train": train, "validation": val}, f"file {path}", wikitext)
-    raise DataError(f"--data {spec}: no such file or directory (or use hf:NAME for a Hub dataset)")
+    raise DataError(f"--data {spec}: file or directory not found (for a Hub dataset use hf:NAME)")
 
 
 def load_wikitext_dir(path: Path) -> Corpus:

@@ -156,6 +156,8 @@ class GPT(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.block_size}")
+        if kv_cache is not None and start + T > kv_cache.max_len:
+            raise ValueError(f"{start + T} tokens do not fit a KV cache of {kv_cache.max_len}")
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=idx.device)[None]  # (1, T)
         if kv_cache is not None:
@@ -190,7 +192,7 @@ def token_nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     Summing (not averaging) lets the trainer divide by the real-token count of the whole
     optimizer step, so gradient accumulation gives exactly the loss of one big batch.
     """
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 

@@ -162,9 +162,15 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def check_resumable(saved: dict[str, Any], current: dict[str, Any], out_dir: Path) -> None:
+# An explicit --resume may also change the run's length (e.g. to train a finished run further);
+# the LR schedule is then laid out for the new length.
+LENGTH_FIELDS = {"max_steps", "epochs"}
+
+
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], out_dir: Path,
+                    allowed: set[str] = RUNTIME_FIELDS) -> None:
     differing = sorted(k for k in set(saved) | set(current)
-                       if k not in RUNTIME_FIELDS and saved.get(k) != current.get(k))
+                       if k not in allowed and saved.get(k) != current.get(k))
     if differing:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing[:4])
         raise ConfigError(f"{out_dir} holds a run with different settings ({details}); "
@@ -216,7 +222,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
 
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, expected_model=model_cfg)
-        check_resumable(ckpt.config["train"], cfg.to_dict(), ckpt.path)
+        check_resumable(ckpt.config["train"], cfg.to_dict(), ckpt.path,
+                        RUNTIME_FIELDS | LENGTH_FIELDS if cfg.resume else RUNTIME_FIELDS)
         load_weights(model, ckpt.weights, ckpt.path)
         state = ckpt.load_state()
         optimizer.load_state_dict(state["optimizer"])
@@ -275,7 +282,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
                                          scaler=scaler, grad_clip=cfg.grad_clip)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
-                kept = latest_checkpoint(out_dir)
+                kept = latest_checkpoint(out_dir) or resume_from
                 raise TrainingError(f"loss became {loss_value} at step {progress.step + 1}; nothing was saved "
                                     f"(last good checkpoint: {kept or 'none'}); try a lower --lr or --precision fp32")
             step_tokens = sum(m.real_tokens for m in micro)

@@ -1,0 +1,227 @@
+"""Training loop: accumulation equivalence, LR schedule, weight decay, seeds, exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from pocketlm.batching import collate, epoch_batches
+from pocketlm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from pocketlm.config import ModelConfig, build_train_config
+from pocketlm.data import load_dataset
+from pocketlm.errors import ConfigError
+from pocketlm.model import GPT
+from pocketlm.tokenizer import gpt2_tokenizer
+from pocketlm.train import CosineSchedule, Interrupted, build_optimizer, train, train_step
+
+SMALL_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "dropout": 0.1}
+
+
+def small_config(corpus_file, out_dir, cache_dir, **overrides):
+    values = dict(preset="tiny", model=dict(SMALL_MODEL), data=str(corpus_file), out_dir=str(out_dir),
+                  cache_dir=str(cache_dir), max_steps=6, batch_size=2, grad_accum=2, precision="fp32",
+                  device="cpu", eval_interval=3, eval_batches=2, save_interval=2, log_interval=1,
+                  warmup_steps=2, lr=1e-3, seed=7)
+    values.update(overrides)
+    return build_train_config(None, **values)
+
+
+@pytest.fixture(scope="module")
+def straight(corpus_file, tmp_path_factory):
+    """One uninterrupted reference run, shared by the tests that compare against it."""
+    root = tmp_path_factory.mktemp("straight")
+    return train(small_config(corpus_file, root / "run", root / "cache"), show_progress=False)
+
+
+def weights_bytes(checkpoint_dir) -> bytes:
+    return (checkpoint_dir / "model.safetensors").read_bytes()
+
+
+def step_losses(out_dir) -> dict[int, float]:
+    losses = {}
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("event") == "step":
+            losses[record["step"]] = record["loss"]
+    return losses
+
+
+# --------------------------------------------------------------------------------------------
+# The step
+
+
+def test_accumulated_step_equals_one_big_batch(corpus_file, tmp_path):
+    """Micro-batches of unequal real-token counts, accumulated, give the big batch's loss and
+    gradient; the mean of per-micro-batch means (a known bug elsewhere) would not."""
+    tok = gpt2_tokenizer()
+    cfg = ModelConfig(**{**SMALL_MODEL, "dropout": 0.0})
+    data = load_dataset(str(corpus_file), tok, cfg.block_size, cache_dir=tmp_path)
+    batches = epoch_batches("bucket", data.train.lengths, 2, cfg.block_size, seed=0, epoch=0)
+    # the fullest batch and the two emptiest: very different real-token counts
+    by_tokens = sorted(batches, key=lambda b: b.real_tokens)
+    chosen = [by_tokens[-1], by_tokens[0], by_tokens[1]]
+    micro = [collate(data.train, b, tok.eot_id) for b in chosen]
+    assert len({m.real_tokens for m in micro}) > 1
+    rows = tuple(r for b in chosen for r in b.rows)
+    big = collate(data.train, type(chosen[0])(rows, max(b.seq_len for b in chosen)), tok.eot_id)
+
+    def one_step(micro_batches):
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)  # parameter change == -gradient
+        loss, _ = train_step(model, opt, micro_batches, lr=1.0, device=torch.device("cpu"), grad_clip=0.0)
+        return loss.item(), {n: before[n] - p.detach() for n, p in model.named_parameters()}
+
+    acc_loss, acc_grads = one_step(micro)
+    big_loss, big_grads = one_step([big])
+    assert acc_loss == pytest.approx(big_loss, rel=1e-5)
+    for name in big_grads:
+        torch.testing.assert_close(acc_grads[name], big_grads[name], rtol=1e-4, atol=1e-7)
+
+    # The mean-of-means loss differs for these unequal micro-batches, so the test can tell.
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    from pocketlm.model import token_nll_sum
+
+    with torch.no_grad():
+        means = [token_nll_sum(model(m.input_ids), m.targets).item() / m.real_tokens for m in micro]
+    assert abs(sum(means) / len(means) - big_loss) > 1e-3
+
+
+def test_lr_schedule_shape():
+    s = CosineSchedule(peak_lr=1.0, total_steps=100, warmup_steps=10, min_ratio=0.1)
+    lrs = [s.lr(i) for i in range(100)]
+    assert lrs[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])  # linear warmup to the peak
+    assert max(lrs) == pytest.approx(1.0)
+    decay = lrs[10:]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))  # monotone after warmup
+    assert s.lr(55) == pytest.approx(0.1 + 0.9 * 0.5)  # cosine midpoint
+    assert s.lr(100) == pytest.approx(0.1) and s.lr(10_000) == pytest.approx(0.1)  # ends at 10% of peak
+
+
+def test_weight_decay_only_on_matrices(corpus_file, tmp_path):
+    cfg = small_config(corpus_file, tmp_path / "run", tmp_path / "cache")
+    model = GPT(cfg.model_config())
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decayed) == (p.dim() >= 2), name
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.1, 0.0}
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+def test_defaults_are_the_original_recipe():
+    cfg = build_train_config(None)
+    assert (cfg.preset, cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.weight_decay, cfg.epochs) == \
+        ("gpt2-125m", 4, 4, 3e-4, 0.1, 3)
+    assert (cfg.beta1, cfg.beta2, cfg.grad_clip, cfg.min_lr_ratio, cfg.batching) == (0.9, 0.95, 1.0, 0.1, "bucket")
+    assert str(cfg.resolved_out_dir()) == os.path.join("runs", "gpt2-125m")
+
+
+# --------------------------------------------------------------------------------------------
+# Whole runs
+
+
+def test_seed_makes_runs_repeatable_and_logs_what_was_asked(corpus_file, tmp_path, straight):
+    a = straight
+    b = train(small_config(corpus_file, tmp_path / "b", tmp_path / "cache"), show_progress=False)
+    assert step_losses(a.out_dir) == step_losses(b.out_dir)
+    assert weights_bytes(a.final_checkpoint) == weights_bytes(b.final_checkpoint)
+    c = train(small_config(corpus_file, tmp_path / "c", tmp_path / "cache", seed=8), show_progress=False)
+    assert step_losses(c.out_dir) != step_losses(a.out_dir)
+
+    records = [json.loads(line) for line in (a.out_dir / "metrics.jsonl").read_text().splitlines()]
+    first = records[0]
+    assert first["event"] == "start" and first["n_params"] > 0
+    assert first["device"] == "cpu" and first["precision"] == "fp32"
+    assert first["config"]["train"]["max_steps"] == 6
+    steps = [r for r in records if r["event"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert all({"loss", "lr", "tokens_per_s"} <= r.keys() for r in steps)
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in evals)
+    epoch = next(r for r in records if r["event"] == "epoch")
+    assert {"real_tokens", "padded_tokens", "padding_fraction"} <= epoch.keys()
+    assert json.loads((a.out_dir / "config.json").read_text())["train"]["seed"] == 7
+    # keep_checkpoints=3 by default: steps 2, 4, 6
+    assert [p.name for p in list_checkpoints(a.out_dir)] == ["step-00000002", "step-00000004", "step-00000006"]
+
+
+@pytest.mark.parametrize("batching", ["bucket", "pack"])
+def test_resume_after_interrupt_is_bit_identical(corpus_file, tmp_path, batching, straight):
+    """Interrupted (SIGTERM: save and stop) then resumed with the same config ends with the same
+    weights and the same per-step losses as a run never interrupted, dropout included."""
+    if batching != "bucket":
+        straight = train(small_config(corpus_file, tmp_path / "straight", tmp_path / "cache", batching=batching),
+                         show_progress=False)
+
+    resumed_cfg = small_config(corpus_file, tmp_path / "resumed", tmp_path / "cache", batching=batching)
+
+    def stop_at_3(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Interrupted) as info:
+        train(resumed_cfg, on_step=stop_at_3, show_progress=False)
+    assert info.value.step == 3 and info.value.checkpoint.name == "step-00000003"
+    result = train(resumed_cfg, show_progress=False)
+    assert result.step == 6
+    assert weights_bytes(result.final_checkpoint) == weights_bytes(straight.final_checkpoint)
+    assert step_losses(result.out_dir) == step_losses(straight.out_dir)
+
+
+def test_crash_without_saving_resumes_from_last_checkpoint(corpus_file, tmp_path, straight):
+    """A crash between checkpoints (no chance to save) loses only the steps since the last save."""
+    cfg = small_config(corpus_file, tmp_path / "crashed", tmp_path / "cache")
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(step):
+        if step == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(cfg, on_step=crash_at_5, show_progress=False)
+    assert latest_checkpoint(cfg.resolved_out_dir()).name == "step-00000004"
+    result = train(cfg, show_progress=False)
+    assert weights_bytes(result.final_checkpoint) == weights_bytes(straight.final_checkpoint)
+
+
+def test_resume_from_explicit_checkpoint_into_new_dir(corpus_file, tmp_path, straight):
+    step2 = straight.out_dir / "checkpoints" / "step-00000002"
+    forked = train(small_config(corpus_file, tmp_path / "fork", tmp_path / "cache", resume=str(step2)),
+                   show_progress=False)
+    assert weights_bytes(forked.final_checkpoint) == weights_bytes(straight.final_checkpoint)
+
+
+def test_rerunning_a_finished_run_changes_nothing(corpus_file, tmp_path):
+    cfg = small_config(corpus_file, tmp_path / "run", tmp_path / "cache")
+    first = train(cfg, show_progress=False)
+    before = weights_bytes(first.final_checkpoint)
+    again = train(cfg, show_progress=False)
+    assert again.step == 6 and weights_bytes(again.final_checkpoint) == before
+
+
+def test_same_out_dir_with_other_settings_is_refused(corpus_file, tmp_path):
+    train(small_config(corpus_file, tmp_path / "run", tmp_path / "cache", max_steps=2, save_interval=2),
+          show_progress=False)
+    with pytest.raises(ConfigError, match="different settings.*lr"):
+        train(small_config(corpus_file, tmp_path / "run", tmp_path / "cache", max_steps=2, lr=5e-4),
+              show_progress=False)
+    # the existing run is untouched
+    assert load_checkpoint(tmp_path / "run").step == 2
+
+
+def test_packed_training_runs_and_logs_no_padding(corpus_file, tmp_path):
+    result = train(small_config(corpus_file, tmp_path / "run", tmp_path / "cache", batching="pack", max_steps=2),
+                   show_progress=False)
+    epoch = next(r for r in result.history if r["event"] == "epoch")
+    assert epoch["padded_tokens"] == 0
