@@ -122,8 +122,8 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoints(capsys, tmp_path, co
     assert code == 0, err
     before = tree_digest(run / "checkpoints")
 
-    real = model_mod.token_nll_sum
-    monkeypatch.setattr("pocketlm.train.token_nll_sum", lambda logits, targets: real(logits, targets) * float("nan"))
+    real = model_mod.GPT.nll_sum
+    monkeypatch.setattr(model_mod.GPT, "nll_sum", lambda self, *a, **k: real(self, *a, **k) * float("nan"))
     # a longer run in a new dir, resumed from the good checkpoint, hits NaN at its first step
     code, _, err = run_cli(capsys, *args, "--max-steps", "4", "--out-dir", tmp_path / "run2",
                            "--resume", run)

@@ -288,3 +288,46 @@ def test_logits_match_hugging_face_gpt2() -> None:
     idx = random_ids(2, config.block_size, seed=9)
     expected = hf(idx).logits
     torch.testing.assert_close(ours(idx), expected, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation checkpointing changes memory, never results
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_checkpointing_modes_give_identical_loss_and_gradients(precision) -> None:
+    import contextlib
+
+    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=97, dropout=0.1)
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for mode, full in (("none", 0), ("selective", 0), ("selective", 2), ("full", 0)):
+        torch.manual_seed(0)
+        model = GPT(cfg).train()
+        model.set_checkpointing(mode, full)
+        torch.manual_seed(1)  # same dropout masks in every mode
+        ctx = torch.autocast("cpu", torch.bfloat16, cache_enabled=False) if precision == "bf16" \
+            else contextlib.nullcontext()
+        with ctx:
+            loss = model.nll_sum(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        results[(mode, full)] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    ref_loss, ref_grads = results[("none", 0)]
+    for key, (loss, grads) in results.items():
+        assert torch.equal(loss, ref_loss), key
+        for name, grad in grads.items():
+            assert torch.equal(grad, ref_grads[name]), (key, name)
+
+
+def test_checkpointing_is_inactive_in_eval_and_with_a_cache() -> None:
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=97, dropout=0.0)
+    model = GPT(cfg)
+    model.set_checkpointing("full")
+    assert model.full_checkpoint_blocks == 2
+    idx = torch.randint(0, 97, (1, 8))
+    model.eval()
+    with torch.no_grad():
+        cached = model(idx, kv_cache=model.new_kv_cache(1))
+    torch.testing.assert_close(cached, model(idx))
+    with pytest.raises(ValueError):
+        model.set_checkpointing("sometimes")

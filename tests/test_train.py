@@ -145,7 +145,7 @@ def test_seed_makes_runs_repeatable_and_logs_what_was_asked(corpus_file, tmp_pat
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     assert all({"loss", "lr", "tokens_per_s"} <= r.keys() for r in steps)
     evals = [r for r in records if r["event"] == "eval"]
-    assert [r["step"] for r in evals] == [3, 6]
+    assert [r["step"] for r in evals] == [0, 3, 6]
     assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in evals)
     epoch = next(r for r in records if r["event"] == "epoch")
     assert {"real_tokens", "padded_tokens", "padding_fraction"} <= epoch.keys()

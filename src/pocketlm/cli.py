@@ -51,6 +51,8 @@ def train_command(
     log_interval: Optional[int] = typer.Option(None, help="Write a step line to metrics.jsonl every N steps (default 10)."),
     val_fraction: Optional[float] = typer.Option(None, help="Validation share of documents for sources without one (default 0.1)."),
     cache_dir: Optional[str] = typer.Option(None, help="Token cache directory (default ~/.cache/pocketlm)."),
+    checkpointing: Optional[str] = typer.Option(None, help="Activation checkpointing: selective (default), full or none."),
+    full_checkpoint_blocks: Optional[int] = typer.Option(None, help="Blocks recomputed fully on top of selective checkpointing (default 2)."),
 ) -> None:
     """Train (or resume) a model."""
     from pocketlm.config import build_train_config
@@ -61,7 +63,8 @@ def train_command(
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
         batching=batching, device=device, precision=precision, seed=seed, eval_interval=eval_interval,
         eval_batches=eval_batches, save_interval=save_interval, keep_checkpoints=keep_checkpoints,
-        log_interval=log_interval, val_fraction=val_fraction, cache_dir=cache_dir)
+        log_interval=log_interval, val_fraction=val_fraction, cache_dir=cache_dir, checkpointing=checkpointing,
+        full_checkpoint_blocks=full_checkpoint_blocks)
     result = train(cfg)
     where = result.final_checkpoint or result.out_dir
     loss = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
@@ -93,6 +96,86 @@ def eval_command(
     word = f", word ppl {report.word_ppl:.2f}" if report.word_ppl is not None else ""
     print(f"loss {report.loss:.4f}, ppl {report.ppl:.2f}, bits/byte {report.bpb:.4f}{word}", file=sys.stderr)
     print(json.dumps(report.as_dict()))
+
+
+@app.command("generate")
+def generate_command(
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint or run directory (its latest checkpoint). Default: runs/gpt2-125m."),
+    prompt: Optional[str] = typer.Option(None, help="Text to continue."),
+    prompt_file: Optional[Path] = typer.Option(None, help="File with one prompt per line, generated as a batch."),
+    max_new_tokens: int = typer.Option(128, help="Tokens to generate per sample at most; <|endoftext|> stops earlier."),
+    temperature: float = typer.Option(0.8, help="Softmax temperature; 0 means greedy decoding."),
+    top_k: int = typer.Option(50, help="Sample among the k most likely tokens only (0 disables)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling: the most likely tokens holding this much probability (1 disables)."),
+    repetition_penalty: float = typer.Option(1.0, help="Penalty (> 1) for tokens already in the prompt or completion (1 disables)."),
+    num_samples: int = typer.Option(1, help="Samples per prompt."),
+    seed: Optional[int] = typer.Option(None, help="Seed; the same seed and flags give the same text (default: a fresh one)."),
+    batch_size: int = typer.Option(16, help="Samples decoded side by side."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    precision: str = typer.Option("fp32", help="fp32, bf16, fp16 or auto."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object per sample instead of streaming text."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole context at every step (slow; for checking)."),
+) -> None:
+    """Generate text from a checkpoint: streams to the terminal, or JSON lines with --json."""
+    from pocketlm.checkpoint import latest_checkpoint
+    from pocketlm.errors import CheckpointError, ConfigError
+    from pocketlm.generate import (DEFAULT_PROMPT, Generator, OrderedPrinter, iter_interactive,
+                                   read_prompt_file, validate_sampling)
+
+    validate_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      repetition_penalty=repetition_penalty, num_samples=num_samples)
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if prompt is not None and prompt_file is not None:
+        raise ConfigError("give --prompt or --prompt-file, not both")
+    prompts = read_prompt_file(prompt_file) if prompt_file is not None else None
+    if checkpoint is None:
+        checkpoint = Path("runs") / "gpt2-125m"
+        if latest_checkpoint(checkpoint) is None:
+            raise CheckpointError(
+                f"no checkpoint in {checkpoint}: train one with `python train.py`, or a quick one with "
+                "`pocketlm train --preset tiny --data FILE` and pass --checkpoint runs/tiny")
+    gen = Generator.from_checkpoint(checkpoint, device=device, precision=precision,
+                                    warn=lambda msg: print(f"pocketlm: warning: {msg}", file=sys.stderr))
+    if seed is None and temperature > 0:
+        import secrets
+
+        seed = secrets.randbits(31)  # printed below, so a good sample can be had again
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    repetition_penalty=repetition_penalty, num_samples=num_samples, seed=seed,
+                    batch_size=batch_size, use_cache=not no_cache)
+
+    def run(batch: list[str]) -> None:
+        if json_output:
+            for sample in gen.generate(batch, **settings):
+                print(json.dumps(sample.as_dict(), ensure_ascii=False))
+            return
+        n = len(batch) * num_samples
+        many = n > 1
+        printer = OrderedPrinter(
+            n, header=lambda r: (f"--- prompt {r // num_samples + 1}, sample {r % num_samples + 1} ---\n" if many else "")
+            + batch[r // num_samples],
+            footer=lambda r: "\n" + ("\n" if many and r < n - 1 else ""))
+        samples = gen.generate(batch, stream=printer, **settings)
+        tokens = sum(s.completion_tokens for s in samples)
+        seconds = max(s.seconds for s in samples)
+        seed_note = f", seed {seed}" if temperature > 0 else ""
+        print(f"[{tokens} tokens in {seconds:.2f} s, {tokens / max(seconds, 1e-9):.1f} tokens/s{seed_note}]",
+              file=sys.stderr)
+
+    if prompts is not None:
+        run(prompts)
+    elif prompt is not None:
+        run([prompt])
+    elif sys.stdin is not None and sys.stdin.isatty():
+        print(f"loaded {checkpoint}; type a prompt (Ctrl-D or `exit` to quit)", file=sys.stderr)
+        for line in iter_interactive():
+            try:
+                run([line])
+            except KeyboardInterrupt:
+                print("\n[interrupted]", file=sys.stderr)
+    else:
+        run([DEFAULT_PROMPT])
 
 
 def main(argv: list[str] | None = None) -> int:

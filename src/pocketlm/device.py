@@ -62,6 +62,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed-precision region. Its weight-copy cache is off: each weight is used once per forward
+    pass, so the cache saves no casts, yet it would keep every low-precision weight copy alive
+    until the forward pass ends, defeating activation checkpointing (0.16 GiB on gpt2-125m)."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision], cache_enabled=False)

@@ -15,10 +15,10 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from pocketlm.config import ModelConfig
-
-IGNORE_INDEX = -100
+from pocketlm.config import CHECKPOINTING_CHOICES, ModelConfig
+from pocketlm.losses import IGNORE_INDEX, fused_linear_cross_entropy
 
 
 class KVCache:
@@ -59,7 +59,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.dropout = config.dropout
+        self.attn_dropout = config.attn_dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
                 cache: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
@@ -77,7 +77,7 @@ class CausalSelfAttention(nn.Module):
             is_causal = mask is None and start == 0 and T > 1
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+            dropout_p=self.attn_dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -108,6 +108,25 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+_aten = torch.ops.aten
+# Selective activation checkpointing keeps the outputs of the expensive ops (matmuls, attention)
+# and recomputes the cheap ones in backward: bf16 copies of the weights, LayerNorm, GELU, dropout.
+_SAVED_OPS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default,
+              _aten._scaled_dot_product_flash_attention_for_cpu.default,
+              _aten._scaled_dot_product_flash_attention.default,
+              _aten._scaled_dot_product_efficient_attention.default,
+              _aten._scaled_dot_product_cudnn_attention.default}
+
+
+def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts():
+    return create_selective_checkpoint_contexts(_save_matmuls)
+
+
+
 def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """Block-diagonal causal mask: position i sees j iff j <= i and both lie in the same segment."""
     T = segment_ids.size(1)
@@ -129,6 +148,8 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input and output embeddings
+        self.set_checkpointing("none")
+        self.fused_loss = True  # see nll_sum
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by depth so the residual stream's variance stays put.
         for name, p in self.named_parameters():
@@ -143,6 +164,22 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def set_checkpointing(self, mode: str, full_blocks: int = 0) -> None:
+        """Activation checkpointing in training: ``selective`` (see _SAVED_OPS) on every block,
+        ``full`` on every block, or ``selective`` plus full recomputation of the first
+        ``full_blocks`` blocks. Changes memory and speed, never the results."""
+        if mode not in CHECKPOINTING_CHOICES:
+            raise ValueError(f"checkpointing must be one of {CHECKPOINTING_CHOICES}, got {mode!r}")
+        self.checkpointing = mode
+        self.full_checkpoint_blocks = self.config.n_layer if mode == "full" else min(full_blocks, self.config.n_layer)
+
+    def _run_block(self, i: int, block: Block, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.checkpointing == "none" or not (self.training and torch.is_grad_enabled()):
+            return block(x, mask)
+        if i < self.full_checkpoint_blocks:
+            return checkpoint(block, x, mask, use_reentrant=False)
+        return checkpoint(block, x, mask, use_reentrant=False, context_fn=_selective_contexts)
 
     def num_parameters(self) -> int:
         """Unique parameters (the tied embedding counted once)."""
@@ -168,8 +205,10 @@ class GPT(nn.Module):
             mask = None
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            cache = (kv_cache.k[i], kv_cache.v[i], start) if kv_cache is not None else None
-            x = block(x, mask, cache)
+            if kv_cache is not None:
+                x = block(x, mask, (kv_cache.k[i], kv_cache.v[i], start))
+            else:
+                x = self._run_block(i, block, x, mask)
         if kv_cache is not None:
             kv_cache.length = start + T
         return self.transformer.ln_f(x)
@@ -179,6 +218,17 @@ class GPT(nn.Module):
         """Logits, (B, T, vocab_size)."""
         h = self.hidden_states(idx, position_ids=position_ids, segment_ids=segment_ids, kv_cache=kv_cache)
         return self.lm_head(h)
+
+    def nll_sum(self, idx: torch.Tensor, targets: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed NLL of ``targets`` (IGNORE_INDEX skipped) without materialising the logits.
+
+        The same value as ``token_nll_sum(self(idx), targets)``; see losses.py for the memory.
+        """
+        h = self.hidden_states(idx, position_ids=position_ids, segment_ids=segment_ids)
+        if not self.fused_loss:  # the plain path, kept as the reference for tests and benchmarks
+            return token_nll_sum(self.lm_head(h), targets)
+        return fused_linear_cross_entropy(h, self.lm_head.weight, targets)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None,
                      dtype: torch.dtype | None = None) -> KVCache:

@@ -28,12 +28,13 @@ from pocketlm.data import ExampleSet, load_dataset
 from pocketlm.device import autocast, resolve_device, resolve_precision
 from pocketlm.errors import ConfigError, TrainingError
 from pocketlm.metrics import MetricsLog
-from pocketlm.model import GPT, decay_groups, token_nll_sum
+from pocketlm.model import GPT, decay_groups
 from pocketlm.tokenizer import get_tokenizer
 
 # Fields that may differ when a run is resumed: they change how it is watched, not its result.
 RUNTIME_FIELDS = {"out_dir", "resume", "device", "eval_interval", "save_interval",
-                  "keep_checkpoints", "log_interval", "cache_dir", "eval_batches"}
+                  "keep_checkpoints", "log_interval", "cache_dir", "eval_batches",
+                  "checkpointing", "full_checkpoint_blocks"}
 
 
 @dataclass
@@ -69,8 +70,8 @@ class Progress:
 
 def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2)}
-    if device.type == "cuda":
-        kwargs["fused"] = True  # one kernel for the whole update
+    if device.type in ("cuda", "cpu"):
+        kwargs["fused"] = True  # one kernel for the whole update, and no foreach temporaries
     return torch.optim.AdamW(decay_groups(model, cfg.weight_decay), **kwargs)
 
 
@@ -88,8 +89,8 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, micro_batches: list
     for mb in micro_batches:
         mb = mb.to(device, non_blocking=True)
         with autocast(device, precision):
-            logits = model(mb.input_ids, position_ids=mb.position_ids, segment_ids=mb.segment_ids)
-        loss = token_nll_sum(logits, mb.targets) / n_tokens
+            loss = model.nll_sum(mb.input_ids, mb.targets, position_ids=mb.position_ids,
+                                 segment_ids=mb.segment_ids) / n_tokens
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()
     if scaler is not None:
@@ -121,8 +122,8 @@ def evaluate_loss(model: GPT, examples: ExampleSet, *, batch_size: int, device: 
     for batch in batches[:max_batches]:
         mb = collate(examples, batch, pad_id).to(device)
         with autocast(device, precision):
-            logits = model(mb.input_ids, position_ids=mb.position_ids, segment_ids=mb.segment_ids)
-        nll += token_nll_sum(logits, mb.targets).double()
+            nll += model.nll_sum(mb.input_ids, mb.targets, position_ids=mb.position_ids,
+                                 segment_ids=mb.segment_ids).double()
         count += mb.real_tokens
     model.train(was_training)
     return (nll.item() / count if count else float("nan")), count
@@ -211,6 +212,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
 
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).to(device)
+    model.set_checkpointing(cfg.checkpointing, cfg.full_checkpoint_blocks)
     optimizer = build_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     batches_per_epoch = len(epoch_batches(cfg.batching, data.train.lengths, cfg.batch_size,
@@ -268,6 +270,9 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
                             cfg.seed, progress.epoch)
     bar = tqdm(total=total_steps, initial=progress.step, unit="step", dynamic_ncols=True,
                disable=(not show_progress) if show_progress is not None else None)
+    if progress.step == 0 and total_steps > 0:
+        baseline = run_eval()  # the untrained model: the curve's starting point
+        bar.write(f"step 0: val_loss {baseline:.4f}, val_ppl {math.exp(min(baseline, 50)):.2f}")
     window_tokens, window_start = 0, time.perf_counter()
     with deferred_signals() as signals:
         while progress.step < total_steps:

@@ -1,0 +1,156 @@
+"""Predicting a training step's peak memory, and choosing settings that fit a memory budget.
+
+The model counts the bytes of every tensor that is alive at the step's peak, which is at the
+boundary of forward and backward in a micro-step after the first of an accumulation window (so
+gradients are already allocated): weights, gradients and AdamW state in fp32; the activations
+each block keeps for backward, which depend on the checkpointing mode; and the fused output
+layer's buffers (see losses.py). ``benchmarks/memory.py`` and ``tests/test_planner.py`` compare
+these predictions with measured peaks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from pocketlm.config import ModelConfig
+from pocketlm.errors import ConfigError
+from pocketlm.losses import CHUNK_ELEMENTS
+
+GiB = 1024 ** 3
+FP32 = 4
+# Room for allocator rounding, kernels' scratch space and the framework itself. On CUDA the
+# caching allocator and the context need more, which the planner leaves free of any plan.
+WORKSPACE_FRACTION = {"cpu": 0.03, "cuda": 0.10, "mps": 0.10}
+CUDA_CONTEXT_BYTES = 400 * 1024 ** 2
+
+
+def parse_size(text: str) -> int:
+    """``4GB``, ``3.5 GiB``, ``1500MB``, ``2g`` -> bytes (GB and GiB both mean 1024**3 here, as
+    GPU makers' '4 GB' cards hold 4 GiB)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not match:
+        raise ConfigError(f"cannot read memory size {text!r}; write e.g. 4GB or 1500MB")
+    value, unit = float(match.group(1)), match.group(2)
+    return int(value * 1024 ** " kmgt".index(unit or " "))
+
+
+def num_parameters(config: ModelConfig) -> int:
+    C, L, V = config.n_embd, config.n_layer, config.vocab_size
+    per_block = 12 * C * C + 13 * C  # qkv, proj, fc, proj weights and biases, two LayerNorms
+    return V * C + config.block_size * C + L * per_block + 2 * C
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Predicted peak bytes of one training micro-step, by component."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits_and_loss: int
+    workspace: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits_and_loss + self.workspace
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+
+def _activation_bytes(config: ModelConfig, tokens: int, batch_size: int, seq_len: int, act: int,
+                      checkpointing: str, full_blocks: int) -> int:
+    """Bytes each block keeps for backward, summed over blocks, plus the final LayerNorm's."""
+    C, H = config.n_embd, config.n_head
+    block_input = FP32 * tokens * C  # the residual stream stays fp32 under autocast
+    lse = FP32 * batch_size * H * seq_len  # attention's log-sum-exp
+    # Outputs of the matmuls and attention: qkv (3C), attention (C), its projection (C),
+    # MLP up (4C) and down (C) projections.
+    matmul_outputs = act * tokens * 10 * C + lse
+    if checkpointing == "full":
+        per_block_saved = [block_input] * config.n_layer
+    elif checkpointing == "selective":
+        full = min(full_blocks, config.n_layer)
+        per_block_saved = [block_input] * full + [block_input + matmul_outputs] * (config.n_layer - full)
+    else:  # none: autograd keeps every intermediate, and the low-precision weight copies,
+        # but not the two projections' outputs (only a residual add and dropout consume them)
+        matmul_outputs -= act * tokens * 2 * C
+        casts = act * tokens * C * 2 if act < FP32 else 0  # LayerNorm outputs cast for the matmuls
+        weights = act * 12 * C * C if act < FP32 else 0  # weight copies saved by the matmuls
+        gelu_out = act * tokens * 4 * C
+        masks = 2 * tokens * C if config.dropout > 0 else 0
+        residual = FP32 * tokens * C  # the second LayerNorm's input
+        per_block_saved = [block_input + matmul_outputs + casts + weights + gelu_out + masks + residual]
+        per_block_saved *= config.n_layer
+    final_norm = 2 * FP32 * tokens * C  # ln_f input and output
+    return sum(per_block_saved) + final_norm
+
+
+def _head_bytes(config: ModelConfig, tokens: int, act: int) -> int:
+    """The fused output layer's peak (see losses.py): in forward, its low-precision weight copy,
+    the gradients it computes for backward, and one chunk of logits in three forms."""
+    V, C = config.vocab_size, config.n_embd
+    weight_copy = act * V * C if act < FP32 else 0
+    grads = act * V * C + act * tokens * C
+    chunk = max(1, CHUNK_ELEMENTS // V)
+    return weight_copy + grads + min(chunk, tokens) * V * (act + FP32 + act)
+
+
+def predict_peak(config: ModelConfig, batch_size: int, seq_len: int | None = None, *, precision: str = "bf16",
+                 checkpointing: str = "selective", full_blocks: int = 2, device: str = "cpu") -> MemoryPlan:
+    """Peak memory of one training micro-step with AdamW (fp32 weights, gradients and state)."""
+    seq_len = seq_len or config.block_size
+    if seq_len > config.block_size:
+        raise ConfigError(f"sequence length {seq_len} exceeds the context of {config.block_size}")
+    tokens = batch_size * seq_len
+    act = FP32 if precision == "fp32" else 2
+    params = num_parameters(config)
+    activations = _activation_bytes(config, tokens, batch_size, seq_len, act, checkpointing, full_blocks)
+    head = _head_bytes(config, tokens, act)
+    static = 4 * FP32 * params
+    workspace = int(WORKSPACE_FRACTION.get(device, 0.1) * (static + activations + head))
+    return MemoryPlan(weights=FP32 * params, gradients=FP32 * params, optimizer=2 * FP32 * params,
+                      activations=activations, logits_and_loss=head, workspace=workspace)
+
+
+@dataclass(frozen=True)
+class FitChoice:
+    batch_size: int
+    grad_accum: int
+    checkpointing: str
+    full_checkpoint_blocks: int
+    plan: MemoryPlan
+
+
+def _checkpoint_ladder(n_layer: int) -> list[tuple[str, int]]:
+    """From fastest to most frugal."""
+    return [("none", 0)] + [("selective", k) for k in range(n_layer + 1)] + [("full", n_layer)]
+
+
+def fit_to_budget(config: ModelConfig, budget_bytes: int, *, batch_size: int, grad_accum: int,
+                  seq_len: int | None = None, precision: str = "bf16", device: str = "cpu") -> FitChoice:
+    """The largest micro-batch (halving, with accumulation doubled so the effective batch stays)
+    and then the least recomputation whose predicted peak fits ``budget_bytes``."""
+    usable = budget_bytes - (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
+    effective = batch_size * grad_accum
+    micro = batch_size
+    while micro >= 1:
+        for mode, full in _checkpoint_ladder(config.n_layer):
+            plan = predict_peak(config, micro, seq_len, precision=precision, checkpointing=mode,
+                                full_blocks=full, device=device)
+            if plan.total <= usable:
+                return FitChoice(micro, effective // micro, mode, full, plan)
+        if micro % 2:
+            break
+        micro //= 2
+    smallest = predict_peak(config, 1, seq_len, precision=precision, checkpointing="full", device=device)
+    raise ConfigError(f"no setting fits {budget_bytes / GiB:.2f} GiB: even micro-batch 1 with full "
+                      f"checkpointing needs about {smallest.total / GiB:.2f} GiB")
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    rows = [(name.replace("_", " "), value) for name, value in plan.as_dict().items()]
+    return "\n".join(f"  {name:<16} {value / GiB:7.3f} GiB" for name, value in rows)
+

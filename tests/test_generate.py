@@ -1,0 +1,518 @@
+"""Generation: KV cache vs full recomputation, sampling filters, seeds, long and batched prompts,
+streaming, and the ``pocketlm generate`` command."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pocketlm.cli import main
+from pocketlm.config import ModelConfig
+from pocketlm.errors import ConfigError
+from pocketlm.generate import (Generator, OrderedPrinter, StreamDecoder, apply_repetition_penalty,
+                               filter_logits, mark_seen, read_prompt_file, sample_next, sample_seed)
+from pocketlm.model import GPT
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# GPT-2's vocabulary (so real text and multi-byte characters go through the real tokenizer) on a
+# model small enough that a decoding step takes about a millisecond.
+CONFIG = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50257, dropout=0.0)
+PROMPTS = ["The history of", "Hello", "In 1999 the band released an album that", "A small town in the north"]
+
+
+def make_model(config: ModelConfig = CONFIG, seed: int = 0) -> GPT:
+    """Random weights with well-separated logits, so greedy choices are not decided by rounding."""
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight.normal_(0.0, 1.0)
+        model.transformer.wpe.weight.normal_(0.0, 1.0)
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    return model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is fastest, and it keeps these tests quick on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    return make_model()
+
+
+@pytest.fixture
+def gen(model: GPT, tokenizer) -> Generator:
+    return Generator(model, tokenizer, "cpu")
+
+
+class LogitRecorder:
+    """Wraps ``Generator._last_logits`` to keep the logits of every step."""
+
+    def __init__(self, gen: Generator) -> None:
+        self.steps: list[torch.Tensor] = []
+        self._inner = gen._last_logits
+        gen._last_logits = self  # type: ignore[method-assign]
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self._inner(hidden)
+        self.steps.append(out.clone())
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache vs full recomputation
+
+
+def test_greedy_with_cache_matches_full_recompute_tokens_and_logits(model: GPT, tokenizer) -> None:
+    prompt = "The history of the city"
+    n_new = CONFIG.block_size - len(tokenizer.encode(prompt))  # fills the context exactly: no sliding
+    cached_gen, plain_gen = Generator(model, tokenizer, "cpu"), Generator(model, tokenizer, "cpu")
+    cached_rec, plain_rec = LogitRecorder(cached_gen), LogitRecorder(plain_gen)
+    cached = cached_gen.generate(prompt, max_new_tokens=n_new, temperature=0, use_cache=True)[0]
+    plain = plain_gen.generate(prompt, max_new_tokens=n_new, temperature=0, use_cache=False)[0]
+    assert cached.completion_tokens == n_new and cached.finish_reason == "length"
+    assert cached.token_ids == plain.token_ids
+    assert len(cached_rec.steps) == len(plain_rec.steps) == n_new
+    for a, b in zip(cached_rec.steps, plain_rec.steps):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    # And both agree with one forward pass over the finished sequence.
+    full = tokenizer.encode(prompt) + cached.token_ids
+    with torch.no_grad():
+        reference = model(torch.tensor([full]))[0, len(full) - n_new - 1:-1]
+    torch.testing.assert_close(torch.cat(cached_rec.steps), reference, atol=1e-4, rtol=0)
+    assert cached.completion == tokenizer.decode(cached.token_ids)
+
+
+def test_cached_sampling_matches_uncached_sampling(gen: Generator) -> None:
+    kwargs = dict(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9, repetition_penalty=1.3,
+                  num_samples=2, seed=5)
+    cached = gen.generate(PROMPTS, **kwargs)
+    plain = gen.generate(PROMPTS, use_cache=False, **kwargs)
+    assert [s.token_ids for s in cached] == [s.token_ids for s in plain]
+
+
+def test_generation_past_the_context_slides_the_window(model: GPT, tokenizer) -> None:
+    n_new = 3 * CONFIG.block_size
+    # Re-prefilling a full window at every step is exactly what full recomputation does.
+    full_window = Generator(model, tokenizer, "cpu", slide_keep=CONFIG.block_size)
+    a = full_window.generate(PROMPTS[:2], max_new_tokens=n_new, temperature=0)
+    b = full_window.generate(PROMPTS[:2], max_new_tokens=n_new, temperature=0, use_cache=False)
+    assert [s.token_ids for s in a] == [s.token_ids for s in b]
+    # The default keeps half a context and refills the cache from there.
+    half = Generator(model, tokenizer, "cpu")
+    assert half.slide_keep == CONFIG.block_size // 2
+    c = half.generate(PROMPTS[:2], max_new_tokens=n_new, temperature=0)
+    assert all(s.completion_tokens == n_new for s in c)
+    # Identical up to the first slide (a prompt of P tokens fills the context after block - P new ones).
+    for s_full, s_half, prompt in zip(a, c, PROMPTS[:2]):
+        first_slide = CONFIG.block_size - len(tokenizer.encode(prompt)) + 1
+        assert s_half.token_ids[:first_slide] == s_full.token_ids[:first_slide]
+
+
+# ---------------------------------------------------------------------------------------------
+# Long and batched prompts
+
+
+def test_long_prompt_keeps_the_last_context_tokens_and_warns_once(model: GPT, tokenizer) -> None:
+    long_text = " ".join(f"word{i}" for i in range(200))
+    ids = tokenizer.encode(long_text)
+    assert len(ids) > 3 * CONFIG.block_size
+    warnings_seen: list[str] = []
+    gen = Generator(model, tokenizer, "cpu", warn=warnings_seen.append)
+    out = gen.generate([long_text, long_text + " more", "short"], max_new_tokens=10, temperature=0)
+    assert len(warnings_seen) == 1 and "2 prompts are longer than the context of 32 tokens" in warnings_seen[0]
+    assert out[0].prompt_truncated and out[1].prompt_truncated and not out[2].prompt_truncated
+    assert out[0].prompt_tokens == len(ids) and out[0].completion_tokens == 10
+    # The same as giving only the last block_size tokens (decoded back to text).
+    tail = tokenizer.decode(ids[-CONFIG.block_size:])
+    assert tokenizer.encode(tail) == ids[-CONFIG.block_size:]
+    alone = gen.generate(tail, max_new_tokens=10, temperature=0)[0]
+    assert alone.token_ids == out[0].token_ids
+    assert len(warnings_seen) == 1
+    with pytest.warns(UserWarning, match="longer than the context"):  # default: Python's warnings
+        Generator(model, tokenizer, "cpu").generate(long_text, max_new_tokens=2, temperature=0)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.9, top_k=40, seed=11)])
+def test_batched_prompts_match_each_prompt_alone(gen: Generator, sampling: dict) -> None:
+    lengths = [len(gen.tokenizer.encode(p)) for p in PROMPTS]
+    assert len(set(lengths)) == len(lengths)  # different lengths: rows are left-padded
+    batched = gen.generate(PROMPTS, max_new_tokens=15, **sampling)
+    for prompt, sample in zip(PROMPTS, batched):
+        alone = gen.generate(prompt, max_new_tokens=15, **sampling)[0]
+        assert sample.prompt == prompt
+        assert sample.token_ids == alone.token_ids
+    # Splitting the rows into smaller batches changes nothing either.
+    assert [s.token_ids for s in gen.generate(PROMPTS, max_new_tokens=15, batch_size=3, **sampling)] == \
+        [s.token_ids for s in batched]
+
+
+def test_rows_stop_at_end_of_text_independently(model: GPT, tokenizer) -> None:
+    base = Generator(model, tokenizer, "cpu").generate(PROMPTS, max_new_tokens=12, temperature=0)
+    # Pretend a token that row 1 first writes at step k >= 2 is <|endoftext|>.
+    ids = base[1].token_ids
+    k = next(k for k in range(2, len(ids)) if ids.index(ids[k]) == k)
+    stop = ids[k]
+    eot_tok = copy.copy(tokenizer)
+    eot_tok.eot_id = stop
+    gen = Generator(model, eot_tok, "cpu")
+    out = gen.generate(PROMPTS, max_new_tokens=12, temperature=0)
+    plain = gen.generate(PROMPTS, max_new_tokens=12, temperature=0, use_cache=False)
+    for before, after, ref in zip(base, out, plain):
+        assert after.token_ids == ref.token_ids
+        if stop in before.token_ids:
+            cut = before.token_ids.index(stop)
+            assert after.finish_reason == "eot" and after.token_ids == before.token_ids[:cut]
+        else:
+            assert after.finish_reason == "length" and after.token_ids == before.token_ids
+    assert out[1].completion_tokens == k
+    assert len({s.finish_reason for s in out}) == 2  # some rows stopped early, others ran on
+
+
+def test_empty_prompt_starts_a_document(gen: Generator) -> None:
+    out = gen.generate("", max_new_tokens=5, temperature=0)[0]
+    assert out.prompt_tokens == 0 and out.completion_tokens == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds
+
+
+def test_same_seed_same_text_and_the_global_rng_is_untouched(gen: Generator) -> None:
+    kwargs = dict(max_new_tokens=20, temperature=1.0, top_k=0, num_samples=3)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = gen.generate(PROMPTS[:2], seed=42, **kwargs)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = gen.generate(PROMPTS[:2], seed=42, **kwargs)
+    c = gen.generate(PROMPTS[:2], seed=43, **kwargs)
+    assert [s.completion for s in a] == [s.completion for s in b]
+    assert [s.token_ids for s in a] != [s.token_ids for s in c]
+    assert len({tuple(s.token_ids) for s in a}) == len(a)  # samples differ from each other
+    assert all(s.seed == 42 for s in a)
+    # A sample does not depend on which other prompts or how many samples share its batch.
+    assert gen.generate(PROMPTS[1], seed=42, **{**kwargs, "num_samples": 2})[1].token_ids == a[4].token_ids
+
+
+def test_sample_seed_is_a_fixed_function() -> None:
+    assert sample_seed(1, "x", 0) == sample_seed(1, "x", 0)
+    assert len({sample_seed(1, "x", 0), sample_seed(2, "x", 0), sample_seed(1, "y", 0), sample_seed(1, "x", 1)}) == 4
+    assert 0 <= sample_seed(2**62, "x" * 1000, 10**6) < 2**63
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling functions on hand-made distributions
+
+
+def kept(logits: torch.Tensor) -> list[list[int]]:
+    return [torch.nonzero(torch.isfinite(row)).flatten().tolist() for row in logits]
+
+
+def test_top_k_keeps_the_k_largest() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0, -1.0], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    assert kept(filter_logits(logits, top_k=2)) == [[1, 2], [0, 1]]
+    assert kept(filter_logits(logits, top_k=1)) == [[1], [0]]
+    assert kept(filter_logits(logits, top_k=0)) == [[0, 1, 2, 3, 4]] * 2  # 0 disables
+    assert kept(filter_logits(logits, top_k=99)) == [[0, 1, 2, 3, 4]] * 2
+    torch.testing.assert_close(filter_logits(logits, top_k=2)[0, [1, 2]], logits[0, [1, 2]])  # values kept as they are
+    assert kept(filter_logits(torch.tensor([[2.0, 1.0, 2.0, 0.0]]), top_k=1)) == [[0, 2]]  # ties with the k-th stay
+
+
+def test_top_p_keeps_the_smallest_nucleus() -> None:
+    probs = torch.tensor([0.15, 0.5, 0.05, 0.3])  # unsorted on purpose
+    logits = probs.log()[None]
+    assert kept(filter_logits(logits, top_p=0.4)) == [[1]]
+    assert kept(filter_logits(logits, top_p=0.79)) == [[1, 3]]
+    assert kept(filter_logits(logits, top_p=0.81)) == [[0, 1, 3]]
+    assert kept(filter_logits(logits, top_p=0.96)) == [[0, 1, 2, 3]]
+    assert kept(filter_logits(logits, top_p=1.0)) == [[0, 1, 2, 3]]
+    assert kept(filter_logits(logits, top_p=1e-9)) == [[1]]  # the most likely token always stays
+    # Both filters: top-k first, then the nucleus of the renormalised rest.
+    assert kept(filter_logits(logits, top_k=3, top_p=0.79)) == [[1, 3]]
+    assert kept(filter_logits(logits, top_k=2, top_p=0.99)) == [[1, 3]]
+
+
+@given(st.lists(st.floats(-20, 20), min_size=1, max_size=30), st.floats(0.01, 1.0))
+def test_top_p_property(values: list[float], top_p: float) -> None:
+    logits = torch.tensor([values], dtype=torch.float64)
+    probs = torch.softmax(logits, -1)[0]
+    keep = torch.isfinite(filter_logits(logits, top_p=top_p))[0]
+    assert probs[keep].max() == probs.max()  # a most likely token stays (any one of a tie)
+    assert probs[keep].sum() >= top_p - 1e-9 or keep.all()
+    # Minimal: without its least likely member the kept set would hold less than top_p.
+    assert probs[keep].sum() - probs[keep].min() < top_p + 1e-9
+    assert (probs[~keep] <= probs[keep].min() + 1e-12).all()  # never drops a likelier token
+
+
+def test_sampling_never_leaves_the_filtered_set() -> None:
+    logits = torch.tensor([[0.15, 0.5, 0.05, 0.3]]).log().repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next(logits, temperature=1.0, top_p=0.79, generator=g)
+    assert set(draws.tolist()) == {1, 3}
+    share = (draws == 1).float().mean().item()
+    assert abs(share - 0.5 / 0.8) < 0.04  # renormalised within the nucleus
+    assert set(sample_next(logits, temperature=1.0, top_k=1, generator=g).tolist()) == {1}
+    assert sample_next(logits[:3], temperature=0).tolist() == [1, 1, 1]  # greedy
+    # Per-row generators: row i depends only on generator i.
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    again = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    flat = torch.zeros(2, 50)
+    assert sample_next(flat, generator=gens).tolist() == sample_next(flat, generator=again).tolist()
+
+
+def test_temperature_sharpens_and_flattens() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0]]).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    cold = (sample_next(logits, temperature=0.25, generator=g) == 0).float().mean().item()
+    warm = (sample_next(logits, temperature=4.0, generator=g) == 0).float().mean().item()
+    assert cold > 0.95 and 0.35 < warm < 0.5
+
+
+def test_repetition_penalty() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    seen = mark_seen(torch.zeros(1, 4, dtype=torch.bool), torch.tensor([[0, 1]]))
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    torch.testing.assert_close(out, torch.tensor([[1.0, -2.0, 0.5, 3.0]]))
+    assert apply_repetition_penalty(logits, seen, 1.0) is logits
+    # A strong enough penalty changes the greedy choice away from a repeated token.
+    seen2 = mark_seen(torch.zeros(1, 4, dtype=torch.bool), torch.tensor([3]))
+    assert sample_next(apply_repetition_penalty(logits, seen2, 2.0), temperature=0).item() == 0
+
+
+def test_repetition_penalty_reduces_repeats(gen: Generator) -> None:
+    plain = gen.generate(PROMPTS[0], max_new_tokens=30, temperature=0)[0].token_ids
+    penalised = gen.generate(PROMPTS[0], max_new_tokens=30, temperature=0, repetition_penalty=100.0)[0].token_ids
+    prompt_ids = set(gen.tokenizer.encode(PROMPTS[0]))
+    assert len(set(penalised)) == len(penalised) and not prompt_ids & set(penalised)
+    assert len(set(plain)) < len(plain)  # this random model repeats itself without the penalty
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),
+                                 dict(repetition_penalty=0.0), dict(max_new_tokens=0), dict(num_samples=0)])
+def test_bad_settings_raise_config_error(gen: Generator, bad: dict) -> None:
+    with pytest.raises(ConfigError):
+        gen.generate("x", **bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming
+
+
+def test_stream_decoder_holds_back_split_characters(tokenizer) -> None:
+    text = "naïve café 🙂 日本語 ok"
+    ids = tokenizer.encode(text)
+    dec = StreamDecoder(tokenizer)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert "" in pieces[:-1]  # some character really was split over tokens
+    # A stray byte that never completes is printed (as U+FFFD) by flush.
+    lone = tokenizer.encode("🙂")[:1]
+    dec = StreamDecoder(tokenizer)
+    assert dec.push(lone[0]) == "" and dec.flush() == tokenizer.decode(lone)
+
+
+def test_streamed_text_equals_the_completions(gen: Generator) -> None:
+    events: list[tuple[int, str, bool]] = []
+    out = gen.generate(PROMPTS, max_new_tokens=20, temperature=1.0, seed=3, num_samples=2,
+                       stream=lambda r, t, f: events.append((r, t, f)))
+    for r, sample in enumerate(out):
+        assert "".join(t for row, t, _ in events if row == r) == sample.completion
+        assert [f for row, _, f in events if row == r].count(True) == 1
+        assert [e for e in events if e[0] == r][-1][2]  # finished comes last
+
+
+def test_ordered_printer_prints_rows_in_order() -> None:
+    class Out:
+        def __init__(self) -> None:
+            self.parts: list[str] = []
+
+        def write(self, s: str) -> None:
+            self.parts.append(s)
+
+        def flush(self) -> None:
+            pass
+
+    out = Out()
+    p = OrderedPrinter(3, out, header=lambda r: f"<{r}>", footer=lambda r: f"</{r}>")
+    for row, text, done in [(0, "a", False), (1, "x", False), (2, "m", False), (1, "y", True), (0, "b", False),
+                            (2, "n", False), (0, "c", True), (2, "o", True)]:
+        p(row, text, done)
+    assert "".join(out.parts) == "<0>abc</0><1>xy</1><2>mno</2>"
+    assert out.parts[:3] == ["<0>", "a", "b"]  # row 0 streamed live
+
+
+# ---------------------------------------------------------------------------------------------
+# The one-call API and precision
+
+
+def test_one_call_api_matches_generator(model: GPT, tokenizer) -> None:
+    import pocketlm
+    from pocketlm.generate import generate
+
+    a = generate(model, "Hello", tokenizer=tokenizer, max_new_tokens=5, temperature=0)
+    b = Generator(model, tokenizer, "cpu").generate("Hello", max_new_tokens=5, temperature=0)
+    assert a[0].token_ids == b[0].token_ids
+    assert pocketlm.Generator is Generator
+    with pytest.raises(ConfigError, match="tokenizer"):
+        generate(model, "Hello")
+
+
+def test_bf16_autocast_generates(model: GPT, tokenizer) -> None:
+    gen = Generator(model, tokenizer, "cpu", precision="bf16")
+    out = gen.generate(PROMPTS[:2], max_new_tokens=6, temperature=0)
+    assert [s.completion_tokens for s in out] == [6, 6]
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is left as it was
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, model: GPT, tokenizer) -> Path:
+    from pocketlm.checkpoint import save_checkpoint
+
+    out = tmp_path_factory.mktemp("gen-run")
+    save_checkpoint(out, 1, model, tokenizer, {"model": dataclasses.asdict(CONFIG), "train": {}}, {})
+    return out
+
+
+def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    code = main(["generate", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_json_output(checkpoint: Path, capsys: pytest.CaptureFixture, model: GPT, tokenizer) -> None:
+    code, out, err = run_cli(capsys, "--checkpoint", str(checkpoint), "--prompt", "The history of", "--json",
+                             "--max-new-tokens", "7", "--num-samples", "2", "--seed", "9", "--device", "cpu")
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == 2
+    for i, obj in enumerate(lines):
+        assert obj["prompt"] == "The history of" and obj["sample_index"] == i and obj["seed"] == 9
+        assert obj["completion_tokens"] == 7 and obj["prompt_tokens"] == 3
+        assert obj["tokens_per_second"] > 0 and obj["finish_reason"] == "length"
+    # Same seed and flags: same text, the same as the Python API gives.
+    again = run_cli(capsys, "--checkpoint", str(checkpoint), "--prompt", "The history of", "--json",
+                    "--max-new-tokens", "7", "--num-samples", "2", "--seed", "9")[1]
+    assert [json.loads(line)["completion"] for line in again.splitlines()] == [o["completion"] for o in lines]
+    api = Generator(model, tokenizer, "cpu").generate("The history of", max_new_tokens=7, num_samples=2, seed=9,
+                                                      temperature=0.8, top_k=50)
+    assert [o["completion"] for o in lines] == [s.completion for s in api]
+
+
+def test_cli_prompt_file_is_batched(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(PROMPTS[:3]) + "\n\n", encoding="utf-8")  # a blank line is skipped
+    assert read_prompt_file(prompt_file) == PROMPTS[:3]
+    code, out, err = run_cli(capsys, "--checkpoint", str(checkpoint), "--prompt-file", str(prompt_file), "--json",
+                             "--temperature", "0", "--max-new-tokens", "8")
+    assert code == 0, err
+    batched = [json.loads(line) for line in out.splitlines()]
+    assert [o["prompt"] for o in batched] == PROMPTS[:3]
+    for obj in batched:
+        code, single, _ = run_cli(capsys, "--checkpoint", str(checkpoint), "--prompt", obj["prompt"], "--json",
+                                  "--temperature", "0", "--max-new-tokens", "8")
+        assert json.loads(single)["completion"] == obj["completion"]
+
+
+def test_cli_streams_text(checkpoint: Path, capsys: pytest.CaptureFixture, model: GPT, tokenizer) -> None:
+    code, out, err = run_cli(capsys, "--checkpoint", str(checkpoint), "--prompt", "Hello", "--temperature", "0",
+                             "--max-new-tokens", "6")
+    assert code == 0, err
+    expected = Generator(model, tokenizer, "cpu").generate("Hello", max_new_tokens=6, temperature=0)[0]
+    assert out == "Hello" + expected.completion + "\n"
+    assert "6 tokens" in err and "tokens/s" in err
+    code, out, err = run_cli(capsys, "--checkpoint", str(checkpoint), "--prompt", "Hello", "--num-samples", "2",
+                             "--max-new-tokens", "4", "--seed", "1")
+    assert code == 0 and out.count("--- prompt 1, sample") == 2
+
+
+def test_cli_default_prompt_without_a_terminal(checkpoint: Path, capsys: pytest.CaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdin", open(__file__))  # not a terminal
+    code, out, err = run_cli(capsys, "--checkpoint", str(checkpoint), "--max-new-tokens", "3", "--temperature", "0")
+    assert code == 0, err
+    assert out.startswith("The history of")
+
+
+@pytest.mark.parametrize("flags", [["--temperature", "-1"], ["--top-k", "-1"], ["--top-p", "0"], ["--top-p", "1.5"],
+                                   ["--repetition-penalty", "0"], ["--max-new-tokens", "0"], ["--num-samples", "0"],
+                                   ["--batch-size", "0"], ["--top-k", "many"]])
+def test_cli_bad_flags_exit_2_with_one_line(checkpoint: Path, capsys: pytest.CaptureFixture, flags: list[str]) -> None:
+    code, out, err = run_cli(capsys, "--checkpoint", str(checkpoint), "--prompt", "x", *flags)
+    assert code == 2
+    assert err.startswith("pocketlm: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_cli_missing_prompt_file_and_checkpoint(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run_cli(capsys, "--checkpoint", str(checkpoint), "--prompt-file", str(tmp_path / "nope.txt"))
+    assert code == 2 and "prompt file not found" in err
+    code, _, err = run_cli(capsys, "--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x")
+    assert code == 2 and "checkpoint not found" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.chdir(tmp_path)  # no runs/gpt2-125m here
+    code, _, err = run_cli(capsys, "--prompt", "x")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "no checkpoint in runs/gpt2-125m" in err and "python train.py" in err
+
+
+def test_inference_py_without_a_checkpoint_says_how_to_train(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["inference.py"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO_ROOT / "inference.py"), run_name="__main__")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "python train.py" in err
+
+
+def test_inference_py_uses_the_default_run_and_prompt(checkpoint: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = tmp_path / "runs" / "gpt2-125m"
+    run_dir.parent.mkdir()
+    run_dir.symlink_to(checkpoint, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["inference.py", "--max-new-tokens", "4", "--seed", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO_ROOT / "inference.py"), run_name="__main__")
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 0, captured.err
+    assert captured.out.startswith("The history of")
+
+
+def test_cli_interactive_loop(checkpoint: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+                              model: GPT, tokenizer) -> None:
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+    typed = iter(["Hello", "   ", "The history of", "exit", "never read"])
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    code, out, err = run_cli(capsys, "--checkpoint", str(checkpoint), "--temperature", "0", "--max-new-tokens", "5")
+    assert code == 0, err
+    gen = Generator(model, tokenizer, "cpu")
+    expected = [p + gen.generate(p, max_new_tokens=5, temperature=0)[0].completion for p in ("Hello", "The history of")]
+    assert out.splitlines() == expected
+    assert next(typed) == "never read"  # `exit` ended the loop
