@@ -248,3 +248,44 @@ def test_benchmark_replaces_only_its_docs_section() -> None:
     new = bench.replace_section(text, "## Memory\n\nnew\n")
     assert new == "# Benchmarks\n\n## Batching\n\nkeep\n\n## Memory\n\nnew\n\n## Generation\n\nkeep too\n"
     assert bench.replace_section("# Benchmarks\n", "## Memory\n\nx\n") == "# Benchmarks\n\n## Memory\n\nx\n"
+
+
+def test_foreach_and_fused_kernel_outputs_are_counted() -> None:
+    a, b = torch.zeros(100), torch.zeros(300)
+    with PeakMemoryTracker() as t:
+        outs = torch._foreach_mul([a, b], 2.0)  # new tensors made inside one C++ kernel
+        assert t.current_bytes == 1600 + 1600  # a and b count from their first use, as inputs
+        torch._foreach_add_(outs, 1.0)  # in place: nothing new
+        assert t.current_bytes == 3200
+        del outs
+        assert t.current_bytes == 1600
+    assert t.report().unregistered_bytes == 1600  # a and b were not registered
+
+
+def test_agrees_with_memtracker_under_selective_activation_checkpointing() -> None:
+    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
+    from torch.utils.checkpoint import (
+        CheckpointPolicy,
+        checkpoint,
+        create_selective_checkpoint_contexts,
+    )
+
+    def policy(ctx, op, *args, **kwargs):  # keep matmuls, recompute the rest
+        return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.mm.default else CheckpointPolicy.PREFER_RECOMPUTE
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(64, 256, bias=False), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    x = torch.randn(32, 64)
+    ours = PeakMemoryTracker()
+    ours.track_module(block)
+    ours.track_existing(x)
+    theirs = mem_tracker.MemTracker()
+    theirs.track_external(block, x)
+    with theirs, ours:
+        y = checkpoint(block, x, use_reentrant=False,
+                       context_fn=lambda: create_selective_checkpoint_contexts(policy))
+        y.pow(2).sum().backward()
+        del y
+    peak = sum(snap["Total"] for snap in theirs.get_tracker_snapshot("peak").values())
+    assert ours.peak_bytes == peak
+    assert ours.report().phase_peaks.keys() >= {"forward", "backward"}

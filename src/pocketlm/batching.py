@@ -111,6 +111,14 @@ def pack_batches(lengths: np.ndarray, batch_size: int, block_size: int, seed: in
     return batches
 
 
+def split_batch(batch: Batch, parts: int) -> list[Batch]:
+    """Cut a micro-batch into up to ``parts`` smaller ones by rows (used after an out-of-memory
+    error: the same examples, in more, smaller micro-batches)."""
+    rows = batch.rows
+    size = -(-len(rows) // parts)
+    return [Batch(rows[k:k + size], batch.seq_len) for k in range(0, len(rows), size)]
+
+
 SCHEDULES = {"bucket": bucket_batches, "pack": pack_batches, "random": random_batches}
 
 

@@ -53,6 +53,7 @@ def train_command(
     cache_dir: Optional[str] = typer.Option(None, help="Token cache directory (default ~/.cache/pocketlm)."),
     checkpointing: Optional[str] = typer.Option(None, help="Activation checkpointing: selective (default), full or none."),
     full_checkpoint_blocks: Optional[int] = typer.Option(None, help="Blocks recomputed fully on top of selective checkpointing (default 2)."),
+    vram: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4GB (auto on CUDA: free memory): fit micro-batch and checkpointing to it."),
 ) -> None:
     """Train (or resume) a model."""
     from pocketlm.config import build_train_config
@@ -64,7 +65,7 @@ def train_command(
         batching=batching, device=device, precision=precision, seed=seed, eval_interval=eval_interval,
         eval_batches=eval_batches, save_interval=save_interval, keep_checkpoints=keep_checkpoints,
         log_interval=log_interval, val_fraction=val_fraction, cache_dir=cache_dir, checkpointing=checkpointing,
-        full_checkpoint_blocks=full_checkpoint_blocks)
+        full_checkpoint_blocks=full_checkpoint_blocks, vram=vram)
     result = train(cfg)
     where = result.final_checkpoint or result.out_dir
     loss = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
@@ -96,6 +97,49 @@ def eval_command(
     word = f", word ppl {report.word_ppl:.2f}" if report.word_ppl is not None else ""
     print(f"loss {report.loss:.4f}, ppl {report.ppl:.2f}, bits/byte {report.bpb:.4f}{word}", file=sys.stderr)
     print(json.dumps(report.as_dict()))
+
+
+@app.command("plan")
+def plan_command(
+    preset: str = typer.Option("gpt2-125m", help="Model preset."),
+    batch_size: int = typer.Option(4, min=1, help="Micro-batch size in sequences."),
+    grad_accum: int = typer.Option(4, min=1, help="Micro-batches per optimizer step."),
+    seq_len: Optional[int] = typer.Option(None, min=1, help="Tokens per sequence (default: the context length)."),
+    precision: str = typer.Option("bf16", help="bf16, fp16 or fp32."),
+    checkpointing: str = typer.Option("selective", help="selective, full or none."),
+    full_checkpoint_blocks: int = typer.Option(2, min=0, help="Blocks recomputed fully on top of selective."),
+    vram: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4GB: also print settings that fit it."),
+    device: str = typer.Option("cuda", help="Device the plan is for (cuda leaves room for its context)."),
+) -> None:
+    """Predict a training step's peak memory; with --vram, choose settings that fit. Last line is JSON."""
+    from pocketlm.config import CHECKPOINTING_CHOICES, model_preset
+    from pocketlm.errors import ConfigError
+    from pocketlm.planner import GiB, fit_to_budget, format_plan, parse_size, predict_peak
+
+    if checkpointing not in CHECKPOINTING_CHOICES:
+        raise ConfigError(f"--checkpointing must be one of {', '.join(CHECKPOINTING_CHOICES)}; got {checkpointing!r}")
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"--precision must be bf16, fp16 or fp32; got {precision!r}")
+    if device not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device must be cpu, cuda or mps; got {device!r}")
+    config = model_preset(preset)
+    plan = predict_peak(config, batch_size, seq_len, precision=precision, checkpointing=checkpointing,
+                        full_blocks=full_checkpoint_blocks, device=device)
+    print(f"{preset}, micro-batch {batch_size} x {seq_len or config.block_size} tokens, {precision}, "
+          f"{checkpointing} checkpointing ({full_checkpoint_blocks} full blocks), AdamW:")
+    print(format_plan(plan))
+    result: dict = {"plan": plan.as_dict()}
+    if vram:
+        budget = parse_size(vram)
+        choice = fit_to_budget(config, budget, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len,
+                               precision=precision, device=device)
+        print(f"fits {budget / GiB:.2f} GiB: --batch-size {choice.batch_size} --grad-accum {choice.grad_accum} "
+              f"--checkpointing {choice.checkpointing} --full-checkpoint-blocks {choice.full_checkpoint_blocks} "
+              f"(effective batch {choice.batch_size * choice.grad_accum}, predicted {choice.plan.total / GiB:.2f} GiB)")
+        result["fit"] = {"batch_size": choice.batch_size, "grad_accum": choice.grad_accum,
+                         "checkpointing": choice.checkpointing,
+                         "full_checkpoint_blocks": choice.full_checkpoint_blocks, "plan": choice.plan.as_dict()}
+    print(json.dumps(result))
 
 
 @app.command("generate")

@@ -131,6 +131,9 @@ class TrainConfig:
     checkpointing: str = "selective"
     """Activation checkpointing: selective (keep matmul and attention outputs, recompute the
     cheap ops in backward), full (keep only block inputs), or none. Same results, less memory."""
+    vram: str | None = None
+    """Memory budget such as ``4GB`` (or ``auto`` on CUDA: the free memory). The planner then
+    picks micro-batch, accumulation and checkpointing that fit, keeping the effective batch."""
     full_checkpoint_blocks: int = 2
     """With selective checkpointing, also recompute this many blocks fully (more memory saved,
     more compute)."""

@@ -56,6 +56,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 del logits, probs
                 torch.mm(g, w, out=grad_hidden[start:start + chunk_tokens])
                 grad_weight.addmm_(g.t(), h_c)
+                del g  # before the next chunk's logits exist
         if not need_grads:
             return loss
         ctx.save_for_backward(grad_hidden, grad_weight)

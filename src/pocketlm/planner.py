@@ -95,7 +95,10 @@ def _head_bytes(config: ModelConfig, tokens: int, act: int) -> int:
     weight_copy = act * V * C if act < FP32 else 0
     grads = act * V * C + act * tokens * C
     chunk = max(1, CHUNK_ELEMENTS // V)
-    return weight_copy + grads + min(chunk, tokens) * V * (act + FP32 + act)
+    # a chunk's logits in the compute dtype and in fp32, then the fp32 ones and their gradient
+    # cast back: two buffers at a time (one in fp32, where the casts are no-ops)
+    chunk_bytes = (act + FP32) if act < FP32 else FP32
+    return weight_copy + grads + min(chunk, tokens) * V * chunk_bytes
 
 
 def predict_peak(config: ModelConfig, batch_size: int, seq_len: int | None = None, *, precision: str = "bf16",
@@ -131,23 +134,30 @@ def _checkpoint_ladder(n_layer: int) -> list[tuple[str, int]]:
 
 def fit_to_budget(config: ModelConfig, budget_bytes: int, *, batch_size: int, grad_accum: int,
                   seq_len: int | None = None, precision: str = "bf16", device: str = "cpu") -> FitChoice:
-    """The largest micro-batch (halving, with accumulation doubled so the effective batch stays)
-    and then the least recomputation whose predicted peak fits ``budget_bytes``."""
+    """Settings whose predicted peak fits ``budget_bytes``, keeping the effective batch
+    (micro-batch x accumulation). Preference: the largest micro-batch that fits without full
+    checkpointing, with the least recomputation; full checkpointing only as a last resort."""
     usable = budget_bytes - (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
     effective = batch_size * grad_accum
-    micro = batch_size
-    while micro >= 1:
-        for mode, full in _checkpoint_ladder(config.n_layer):
-            plan = predict_peak(config, micro, seq_len, precision=precision, checkpointing=mode,
-                                full_blocks=full, device=device)
-            if plan.total <= usable:
-                return FitChoice(micro, effective // micro, mode, full, plan)
-        if micro % 2:
-            break
-        micro //= 2
-    smallest = predict_peak(config, 1, seq_len, precision=precision, checkpointing="full", device=device)
-    raise ConfigError(f"no setting fits {budget_bytes / GiB:.2f} GiB: even micro-batch 1 with full "
-                      f"checkpointing needs about {smallest.total / GiB:.2f} GiB")
+    micro_sizes = [m for m in range(effective, 0, -1) if effective % m == 0 and (m & (m - 1)) == 0 or m == batch_size]
+    ladder = _checkpoint_ladder(config.n_layer)
+
+    def first_fit(modes: list[tuple[str, int]]) -> FitChoice | None:
+        for micro in sorted(set(micro_sizes), reverse=True):
+            for mode, full in modes:
+                plan = predict_peak(config, micro, seq_len, precision=precision, checkpointing=mode,
+                                    full_blocks=full, device=device)
+                if plan.total <= usable:
+                    return FitChoice(micro, effective // micro, mode, full, plan)
+        return None
+
+    choice = first_fit(ladder[:-1]) or first_fit(ladder[-1:])
+    if choice is None:
+        smallest = predict_peak(config, 1, seq_len, precision=precision, checkpointing="full", device=device)
+        context = f" ({CUDA_CONTEXT_BYTES / GiB:.2f} GiB of it kept for the CUDA context)" if device == "cuda" else ""
+        raise ConfigError(f"no setting fits {budget_bytes / GiB:.2f} GiB{context}: even micro-batch 1 with "
+                          f"full checkpointing needs about {smallest.total / GiB:.2f} GiB")
+    return choice
 
 
 def format_plan(plan: MemoryPlan) -> str:

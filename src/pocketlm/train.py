@@ -8,12 +8,12 @@ never interrupted, bit for bit on a CPU in fp32.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from pocketlm.batching import MicroBatch, PaddingStats, collate, epoch_batches
+from pocketlm.batching import Batch, MicroBatch, PaddingStats, collate, epoch_batches, split_batch
 from pocketlm.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from pocketlm.config import TrainConfig
 from pocketlm.data import ExampleSet, load_dataset
@@ -29,6 +29,7 @@ from pocketlm.device import autocast, resolve_device, resolve_precision
 from pocketlm.errors import ConfigError, TrainingError
 from pocketlm.metrics import MetricsLog
 from pocketlm.model import GPT, decay_groups
+from pocketlm.planner import GiB, FitChoice, fit_to_budget, parse_size
 from pocketlm.tokenizer import get_tokenizer
 
 # Fields that may differ when a run is resumed: they change how it is watched, not its result.
@@ -66,6 +67,7 @@ class Progress:
     epoch: int = 0
     micro_index: int = 0
     tokens_seen: int = 0
+    micro_splits: int = 0  # out-of-memory halvings so far: each micro-batch runs as 2**k pieces
 
 
 def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -137,7 +139,7 @@ class Interrupted(Exception):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
-@contextmanager
+@contextlib.contextmanager
 def deferred_signals() -> Iterator[list[int]]:
     """Record SIGINT/SIGTERM instead of dying mid-step; the loop saves and stops at a step boundary."""
     received: list[int] = []
@@ -191,12 +193,57 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def apply_memory_budget(cfg: TrainConfig, device: torch.device, precision: str) -> tuple[TrainConfig, FitChoice | None]:
+    """With ``--vram``, the micro-batch, accumulation and checkpointing that the planner fits."""
+    if not cfg.vram:
+        return cfg, None
+    if cfg.vram == "auto":
+        if device.type != "cuda":
+            raise ConfigError("--vram auto reads free GPU memory and needs CUDA; give a size such as 4GB")
+        budget = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
+    else:
+        budget = parse_size(cfg.vram)
+    choice = fit_to_budget(cfg.model_config(), budget, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                           precision=precision, device=device.type)
+    fitted = dataclasses.replace(cfg, batch_size=choice.batch_size, grad_accum=choice.grad_accum,
+                                 checkpointing=choice.checkpointing,
+                                 full_checkpoint_blocks=choice.full_checkpoint_blocks)
+    return fitted, choice
+
+
+def step_halving_on_oom(step: Callable[[list[MicroBatch]], tuple[torch.Tensor, torch.Tensor]], group: list[Batch],
+                        progress: Progress, examples: ExampleSet, pad_id: int, optimizer: torch.optim.Optimizer,
+                        device: torch.device, log: MetricsLog) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Run one optimizer step over ``group``. On an out-of-memory error, halve every micro-batch
+    (doubling their number: the same examples, the same effective batch) and run the same step
+    again from scratch; ``progress.micro_splits`` remembers it for the rest of the run."""
+    rng_before = capture_rng()
+    while True:
+        pieces = [piece for b in group for piece in split_batch(b, 2 ** progress.micro_splits)]
+        micro = [collate(examples, b, pad_id) for b in pieces]
+        try:
+            loss, grad_norm = step(micro)
+            return loss, grad_norm, sum(m.real_tokens for m in micro)
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            del micro
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if all(len(b.rows) <= 1 for b in pieces):
+                raise TrainingError(f"out of memory at step {progress.step + 1} even with one sequence per "
+                                    "micro-batch; try --checkpointing full or a smaller --vram") from None
+            restore_rng(rng_before)  # the retry draws the same dropout masks
+            progress.micro_splits += 1
+            log.write({"event": "oom", "step": progress.step + 1, "micro_splits": progress.micro_splits})
+            log.console(f"out of memory at step {progress.step + 1}: micro-batches halved "
+                        f"(x{2 ** progress.micro_splits} accumulation), retrying the step")
+
+
 def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
           show_progress: bool | None = None) -> TrainResult:
     """Run (or resume) training as ``cfg`` says. ``on_step`` is called after each optimizer step."""
     out_dir = cfg.resolved_out_dir()
     model_cfg = cfg.model_config()
-    config_record = {"train": cfg.to_dict(), "model": dataclasses.asdict(model_cfg)}
     run_file = out_dir / "config.json"
     resume_from = Path(cfg.resume) if cfg.resume else latest_checkpoint(out_dir)
     if run_file.is_file():
@@ -204,12 +251,17 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    requested, (cfg, memory_fit) = cfg, apply_memory_budget(cfg, device, precision)
     tokenizer = get_tokenizer("gpt2")
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
     data = load_dataset(cfg.data, tokenizer, model_cfg.block_size, cfg.val_fraction,
                         Path(cfg.cache_dir) if cfg.cache_dir else None)
 
+    config_record = {"train": requested.to_dict(), "model": dataclasses.asdict(model_cfg),
+                     "applied": {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                                 "checkpointing": cfg.checkpointing,
+                                 "full_checkpoint_blocks": cfg.full_checkpoint_blocks}}
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).to(device)
     model.set_checkpointing(cfg.checkpointing, cfg.full_checkpoint_blocks)
@@ -224,7 +276,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
 
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, expected_model=model_cfg)
-        check_resumable(ckpt.config["train"], cfg.to_dict(), ckpt.path,
+        check_resumable(ckpt.config["train"], requested.to_dict(), ckpt.path,
                         RUNTIME_FIELDS | LENGTH_FIELDS if cfg.resume else RUNTIME_FIELDS)
         load_weights(model, ckpt.weights, ckpt.path)
         state = ckpt.load_state()
@@ -242,6 +294,12 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
                "train_tokens": data.train.n_tokens, "val_tokens": data.validation.n_tokens,
                "total_steps": total_steps, "resumed_from": str(resume_from) if resume_from else None,
                "start_step": progress.step})
+    if memory_fit is not None:
+        log.write({"event": "memory_plan", "vram": requested.vram, "predicted_peak_bytes": memory_fit.plan.total,
+                   **config_record["applied"]})
+        log.console(f"--vram {requested.vram}: micro-batch {cfg.batch_size} x {cfg.grad_accum} accumulation, "
+                    f"{cfg.checkpointing} checkpointing ({cfg.full_checkpoint_blocks} full blocks); "
+                    f"predicted peak {memory_fit.plan.total / GiB:.2f} GiB")
     log.console(f"model {cfg.preset}: {model.num_parameters() / 1e6:.1f}M parameters on {device} ({precision}); "
                 f"{data.train.n_tokens:,} training tokens; {total_steps} steps"
                 + (f"; resuming at step {progress.step}" if progress.step else ""))
@@ -274,23 +332,26 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
         baseline = run_eval()  # the untrained model: the curve's starting point
         bar.write(f"step 0: val_loss {baseline:.4f}, val_ppl {math.exp(min(baseline, 50)):.2f}")
     window_tokens, window_start = 0, time.perf_counter()
-    with deferred_signals() as signals:
+    with deferred_signals() as signals, contextlib.closing(log), contextlib.closing(bar):
         while progress.step < total_steps:
             if progress.micro_index == 0:
                 stats = PaddingStats.of(batches)
                 log.write({"event": "epoch", "epoch": progress.epoch, "real_tokens": stats.real_tokens,
                            "padded_tokens": stats.padded_tokens, "padding_fraction": stats.padding_fraction})
             group = batches[progress.micro_index:progress.micro_index + cfg.grad_accum]
-            micro = [collate(data.train, b, tokenizer.eot_id) for b in group]
             lr = schedule.lr(progress.step)
-            loss, grad_norm = train_step(model, optimizer, micro, lr=lr, device=device, precision=precision,
-                                         scaler=scaler, grad_clip=cfg.grad_clip)
+
+            def step(micro: list[MicroBatch], lr: float = lr) -> tuple[torch.Tensor, torch.Tensor]:
+                return train_step(model, optimizer, micro, lr=lr, device=device, precision=precision,
+                                  scaler=scaler, grad_clip=cfg.grad_clip)
+
+            loss, grad_norm, step_tokens = step_halving_on_oom(step, group, progress, data.train, tokenizer.eot_id,
+                                                               optimizer, device, log)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 kept = latest_checkpoint(out_dir) or resume_from
                 raise TrainingError(f"loss became {loss_value} at step {progress.step + 1}; nothing was saved "
                                     f"(last good checkpoint: {kept or 'none'}); try a lower --lr or --precision fp32")
-            step_tokens = sum(m.real_tokens for m in micro)
             progress.step += 1
             progress.tokens_seen += step_tokens
             progress.micro_index += len(group)
@@ -317,11 +378,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
             if on_step is not None:
                 on_step(progress.step)
             if signals and progress.step < total_steps:
-                bar.close()
                 saved = save()
                 log.write({"event": "interrupted", "step": progress.step, "checkpoint": str(saved)})
-                log.close()
                 raise Interrupted(signals[0], progress.step, saved)
-    bar.close()
-    log.close()
     return TrainResult(out_dir, progress.step, final, val_loss, log.history)

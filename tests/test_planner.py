@@ -1,0 +1,166 @@
+"""The memory planner: predictions against measured peaks, fitting a budget, --vram, and the
+out-of-memory fallback of the training loop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pocketlm.batching import MicroBatch
+from pocketlm.cli import main
+from pocketlm.config import PRESETS, ModelConfig, build_train_config
+from pocketlm.errors import ConfigError
+from pocketlm.memtrack import measure_peak
+from pocketlm.model import GPT
+from pocketlm.planner import GiB, fit_to_budget, num_parameters, parse_size, predict_peak
+from pocketlm.train import build_optimizer, train, train_step
+
+SMALL = ModelConfig(n_layer=3, n_head=4, n_embd=128, block_size=128, vocab_size=50257, dropout=0.0)
+
+
+def measured_peak(config: ModelConfig, batch_size: int, seq_len: int, precision: str, checkpointing: str,
+                  full_blocks: int) -> int:
+    """Peak of a steady-state optimizer step of two micro-batches (the second runs with the
+    first one's gradients alive, as every micro-step after the first does)."""
+    torch.manual_seed(0)
+    model = GPT(config)
+    model.set_checkpointing(checkpointing, full_blocks)
+    optimizer = build_optimizer(model, build_train_config(None), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+
+    def micro() -> MicroBatch:
+        ids = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), generator=g)
+        return MicroBatch(ids[:, :-1], ids[:, 1:], None, None, batch_size * seq_len)
+
+    def step() -> None:
+        train_step(model, optimizer, [micro(), micro()], lr=1e-4, device=torch.device("cpu"), precision=precision)
+
+    step()  # creates the optimizer state
+    return measure_peak(step, device="cpu", model=model, optimizer=optimizer).peak_bytes
+
+
+CASES = [  # (config, micro-batch, sequence length, precision, checkpointing, full blocks)
+    (SMALL, 4, 128, "bf16", "none", 0),
+    (SMALL, 4, 128, "bf16", "selective", 0),
+    (SMALL, 4, 128, "bf16", "selective", 2),
+    (SMALL, 8, 64, "bf16", "full", 0),
+    (SMALL, 2, 128, "fp32", "selective", 1),
+    (SMALL, 1, 32, "fp32", "none", 0),
+    (PRESETS["tiny"], 4, 128, "bf16", "selective", 0),
+    (PRESETS["tiny"], 8, 128, "fp32", "full", 0),
+]
+
+
+@pytest.mark.parametrize("config, batch_size, seq_len, precision, checkpointing, full_blocks", CASES)
+def test_prediction_within_ten_percent_of_measured_peak(config, batch_size, seq_len, precision, checkpointing,
+                                                        full_blocks):
+    predicted = predict_peak(config, batch_size, seq_len, precision=precision, checkpointing=checkpointing,
+                             full_blocks=full_blocks, device="cpu").total
+    measured = measured_peak(config, batch_size, seq_len, precision, checkpointing, full_blocks)
+    assert abs(predicted / measured - 1) <= 0.10, (predicted / GiB, measured / GiB)
+
+
+def test_parameter_count_matches_the_model():
+    for config in (*PRESETS.values(), SMALL):
+        assert num_parameters(config) == GPT(config).num_parameters()
+
+
+@pytest.mark.parametrize("text, expected", [("4GB", 4 * GiB), ("4 GiB", 4 * GiB), ("1500MB", 1500 * 1024 ** 2),
+                                            ("2.5g", int(2.5 * GiB)), ("512k", 512 * 1024)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "4XB", "-1GB"])
+def test_parse_size_rejects_nonsense(text):
+    with pytest.raises(ConfigError, match="memory size"):
+        parse_size(text)
+
+
+def test_more_memory_never_means_more_recomputation_or_smaller_batches():
+    config = PRESETS["gpt2-125m"]
+    ladder = []
+    for gib in (3, 4, 6, 8, 16):
+        choice = fit_to_budget(config, int(gib * GiB), batch_size=4, grad_accum=4, device="cuda")
+        assert choice.batch_size * choice.grad_accum == 16  # the effective batch is kept
+        assert choice.plan.total <= gib * GiB
+        ladder.append(choice)
+    assert [c.batch_size for c in ladder] == sorted(c.batch_size for c in ladder)
+    assert ladder[-1].checkpointing == "none" and ladder[-1].batch_size == 16
+
+
+def test_impossible_budget_is_a_clear_error():
+    with pytest.raises(ConfigError, match="no setting fits 1.00 GiB"):
+        fit_to_budget(PRESETS["gpt2-125m"], GiB, batch_size=4, grad_accum=4, device="cpu")
+
+
+def test_plan_command_prints_breakdown_and_fit(capsys):
+    assert main(["plan", "--vram", "4GB"]) == 0
+    out = capsys.readouterr().out
+    for part in ("weights", "gradients", "optimizer", "activations", "logits and loss", "workspace", "total"):
+        assert part in out
+    result = json.loads(out.strip().splitlines()[-1])
+    fit = result["fit"]
+    assert fit["batch_size"] * fit["grad_accum"] == 16 and fit["plan"]["total"] <= 4 * GiB
+
+
+def test_train_with_vram_applies_the_plan(corpus_file, tmp_path):
+    budget = predict_peak(PRESETS["tiny"], 2, precision="fp32", checkpointing="full", device="cpu").total
+    cfg = build_train_config(None, preset="tiny", data=str(corpus_file), out_dir=str(tmp_path / "run"),
+                             cache_dir=str(tmp_path / "cache"), max_steps=1, batch_size=8, grad_accum=1,
+                             precision="fp32", device="cpu", vram=f"{budget / 1024 ** 2 + 1:.0f}MB",
+                             eval_batches=1)
+    result = train(cfg, show_progress=False)
+    plan = next(r for r in result.history if r["event"] == "memory_plan")
+    assert plan["batch_size"] * plan["grad_accum"] == 8 and plan["batch_size"] < 8
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train"]["batch_size"] == 8 and saved["applied"]["batch_size"] == plan["batch_size"]
+
+
+def test_out_of_memory_halves_micro_batches_and_keeps_the_step(corpus_file, tmp_path, monkeypatch):
+    """A (simulated) out-of-memory error on micro-batches of more than one sequence: training
+    goes on at the same step with micro-batches halved, and ends where an undisturbed run ends."""
+    def config(out):
+        return build_train_config(None, preset="tiny", model={"n_layer": 1, "n_embd": 64, "n_head": 2,
+                                                             "block_size": 64, "dropout": 0.0},
+                                  data=str(corpus_file), out_dir=str(tmp_path / out), cache_dir=str(tmp_path / "c"),
+                                  max_steps=3, batch_size=4, grad_accum=2, precision="fp32", device="cpu",
+                                  eval_batches=1, log_interval=1)
+
+    normal = train(config("normal"), show_progress=False)
+    real = GPT.nll_sum
+
+    def small_memory(self, idx, *args, **kwargs):
+        if self.training and idx.size(0) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "nll_sum", small_memory)
+    squeezed = train(config("squeezed"), show_progress=False)
+    events = [r for r in squeezed.history if r["event"] == "oom"]
+    assert events and events[0]["step"] == 1 and squeezed.step == 3
+    losses = {r["step"]: r["loss"] for r in squeezed.history if r["event"] == "step"}
+    reference = {r["step"]: r["loss"] for r in normal.history if r["event"] == "step"}
+    assert losses.keys() == reference.keys()
+    for step in losses:
+        assert losses[step] == pytest.approx(reference[step], rel=1e-5)
+
+
+def test_out_of_memory_at_one_sequence_is_a_clear_error(corpus_file, tmp_path, monkeypatch):
+    from pocketlm.errors import TrainingError
+
+    real = GPT.nll_sum
+
+    def no_memory(self, *args, **kwargs):
+        if self.training:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "nll_sum", no_memory)
+    cfg = build_train_config(None, preset="tiny", data=str(corpus_file), out_dir=str(tmp_path / "run"),
+                             cache_dir=str(tmp_path / "c"), max_steps=1, batch_size=2, grad_accum=1,
+                             precision="fp32", device="cpu")
+    with pytest.raises(TrainingError, match="out of memory"):
+        train(cfg, show_progress=False)
