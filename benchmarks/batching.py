@@ -27,7 +27,6 @@ import datetime as dt
 import json
 import os
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py beside this script
+from _common import cpu_model, exact_command, update_docs
 from pocketlm.batching import Batch, PaddingStats, collate, epoch_batches
 from pocketlm.config import PRESETS, TrainConfig
 from pocketlm.data import ExampleSet, make_examples, read_text, split_documents, tokenize_documents
@@ -104,23 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Machine and command
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def exact_command() -> str:
-    script = Path(sys.argv[0]).resolve()
-    try:
-        shown = str(script.relative_to(Path.cwd().resolve()))
-    except ValueError:
-        shown = str(script)
-    return shlex.join(["python", shown, *sys.argv[1:]])
 
 
 def machine_info(device: torch.device, precision: str) -> dict[str, Any]:
@@ -371,37 +357,8 @@ def docs_section(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def replace_section(text: str, section: str) -> str:
-    """Replace the ``## Batching`` section (up to the next ``## `` heading outside code fences);
-    append it when missing."""
-    lines = text.splitlines(keepends=True)
-    start = end = None
-    fenced = False
-    for i, line in enumerate(lines):
-        if line.lstrip().startswith("```"):
-            fenced = not fenced
-            continue
-        if fenced:
-            continue
-        if start is None and line.rstrip() == "## Batching":
-            start = i
-        elif start is not None and line.startswith("## "):
-            end = i
-            break
-    body = section.rstrip("\n") + "\n"
-    if start is None:
-        prefix = text.rstrip("\n")
-        return (prefix + "\n\n" if prefix else "") + body
-    tail = lines[end:] if end is not None else []
-    return "".join(lines[:start]) + body + ("\n" if tail else "") + "".join(tail)
 
 
-def update_docs(section: str, path: Path = DOCS) -> None:
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n\nMeasurements of pocketlm, each section written by a script in `benchmarks/`.\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(replace_section(text, section), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     result["load_average"] = {"start": load_start, "end": os.getloadavg()[0]}
     result["runtime_s"] = round(time.perf_counter() - began, 1)
     if args.update_docs:
-        update_docs(docs_section(result))
+        update_docs(docs_section(result), "## Batching")
         print(f"updated the '## Batching' section of {DOCS}", file=sys.stderr)
     print(json.dumps(result, indent=2))
     return 0

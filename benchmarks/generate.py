@@ -17,13 +17,14 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py beside this script
+from _common import cpu_model, update_docs
 from pocketlm.config import PRESETS
 from pocketlm.generate import Generator
 from pocketlm.hf import to_hf_model
@@ -36,14 +37,6 @@ SECTION = "## Generation"
 PROMPT = "The history of the city begins in the early Middle Ages, when a fishing village"  # 16 tokens
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(fn) -> tuple[float, float, object]:
@@ -184,16 +177,6 @@ Raw result:
 """
 
 
-def update_docs(section: str, path: Path = DOCS) -> None:
-    """Replace only the text from our heading to the next ``## `` heading (other scripts own the rest)."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result, indent=2))
     if args.update_docs:
         command = "python benchmarks/generate.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        update_docs(docs_section(result, command.strip()))
+        update_docs(docs_section(result, command.strip()), SECTION)
     return 0
 
 

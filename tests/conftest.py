@@ -132,3 +132,14 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory, wiki_articles: list[st
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("".join(wiki_articles[:8]), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one thread is fastest, and it keeps these tests quick on a busy shared CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,13 +18,7 @@ transformers = pytest.importorskip("transformers")
 CONFIG = ModelConfig(n_layer=3, n_head=4, n_embd=32, block_size=32, vocab_size=101, dropout=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fastest, and it keeps these tests quick on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_model(config: ModelConfig = CONFIG, seed: int = 0) -> GPT:

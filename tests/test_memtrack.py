@@ -243,11 +243,12 @@ class _nothing:
 
 
 def test_benchmark_replaces_only_its_docs_section() -> None:
-    bench = _load_benchmark()
+    _load_benchmark()  # puts benchmarks/ on sys.path
+    import _common as common
     text = "# Benchmarks\n\n## Batching\n\nkeep\n\n## Memory\n\nold\n```\n## not a heading\n```\n\n## Generation\n\nkeep too\n"
-    new = bench.replace_section(text, "## Memory\n\nnew\n")
+    new = common.replace_section(text, "## Memory\n\nnew\n", "## Memory")
     assert new == "# Benchmarks\n\n## Batching\n\nkeep\n\n## Memory\n\nnew\n\n## Generation\n\nkeep too\n"
-    assert bench.replace_section("# Benchmarks\n", "## Memory\n\nx\n") == "# Benchmarks\n\n## Memory\n\nx\n"
+    assert common.replace_section("# Benchmarks\n", "## Memory\n\nx\n", "## Memory") == "# Benchmarks\n\n## Memory\n\nx\n"
 
 
 def test_foreach_and_fused_kernel_outputs_are_counted() -> None:

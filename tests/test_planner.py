@@ -21,13 +21,15 @@ SMALL = ModelConfig(n_layer=3, n_head=4, n_embd=128, block_size=128, vocab_size=
 
 
 def measured_peak(config: ModelConfig, batch_size: int, seq_len: int, precision: str, checkpointing: str,
-                  full_blocks: int) -> int:
+                  full_blocks: int, low_memory: bool = False) -> int:
     """Peak of a steady-state optimizer step of two micro-batches (the second runs with the
     first one's gradients alive, as every micro-step after the first does)."""
     torch.manual_seed(0)
+    cfg = build_train_config(None, checkpointing=checkpointing, full_checkpoint_blocks=full_blocks,
+                             low_memory=low_memory)
     model = GPT(config)
-    model.set_checkpointing(checkpointing, full_blocks)
-    optimizer = build_optimizer(model, build_train_config(None), torch.device("cpu"))
+    model.set_checkpointing("full" if low_memory else checkpointing, full_blocks)
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
 
     def micro() -> MicroBatch:
@@ -41,24 +43,27 @@ def measured_peak(config: ModelConfig, batch_size: int, seq_len: int, precision:
     return measure_peak(step, device="cpu", model=model, optimizer=optimizer).peak_bytes
 
 
-CASES = [  # (config, micro-batch, sequence length, precision, checkpointing, full blocks)
-    (SMALL, 4, 128, "bf16", "none", 0),
-    (SMALL, 4, 128, "bf16", "selective", 0),
-    (SMALL, 4, 128, "bf16", "selective", 2),
-    (SMALL, 8, 64, "bf16", "full", 0),
-    (SMALL, 2, 128, "fp32", "selective", 1),
-    (SMALL, 1, 32, "fp32", "none", 0),
-    (PRESETS["tiny"], 4, 128, "bf16", "selective", 0),
-    (PRESETS["tiny"], 8, 128, "fp32", "full", 0),
+CASES = [  # (config, micro-batch, sequence length, precision, checkpointing, full blocks, low memory)
+    (SMALL, 4, 128, "bf16", "none", 0, False),
+    (SMALL, 4, 128, "bf16", "selective", 0, False),
+    (SMALL, 4, 128, "bf16", "selective", 2, False),
+    (SMALL, 8, 64, "bf16", "full", 0, False),
+    (SMALL, 2, 128, "fp32", "selective", 1, False),
+    (SMALL, 1, 32, "fp32", "none", 0, False),
+    (SMALL, 4, 128, "bf16", "full", 0, True),
+    (SMALL, 2, 64, "fp32", "full", 0, True),
+    (PRESETS["tiny"], 4, 128, "bf16", "selective", 0, False),
+    (PRESETS["tiny"], 8, 128, "fp32", "full", 0, False),
+    (PRESETS["tiny"], 4, 128, "bf16", "full", 0, True),
 ]
 
 
-@pytest.mark.parametrize("config, batch_size, seq_len, precision, checkpointing, full_blocks", CASES)
+@pytest.mark.parametrize("config, batch_size, seq_len, precision, checkpointing, full_blocks, low_memory", CASES)
 def test_prediction_within_ten_percent_of_measured_peak(config, batch_size, seq_len, precision, checkpointing,
-                                                        full_blocks):
+                                                        full_blocks, low_memory):
     predicted = predict_peak(config, batch_size, seq_len, precision=precision, checkpointing=checkpointing,
-                             full_blocks=full_blocks, device="cpu").total
-    measured = measured_peak(config, batch_size, seq_len, precision, checkpointing, full_blocks)
+                             full_blocks=full_blocks, device="cpu", low_memory=low_memory).total
+    measured = measured_peak(config, batch_size, seq_len, precision, checkpointing, full_blocks, low_memory)
     assert abs(predicted / measured - 1) <= 0.10, (predicted / GiB, measured / GiB)
 
 

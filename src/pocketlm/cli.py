@@ -54,6 +54,7 @@ def train_command(
     checkpointing: Optional[str] = typer.Option(None, help="Activation checkpointing: selective (default), full or none."),
     full_checkpoint_blocks: Optional[int] = typer.Option(None, help="Blocks recomputed fully on top of selective checkpointing (default 2)."),
     vram: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4GB (auto on CUDA: free memory): fit micro-batch and checkpointing to it."),
+    low_memory: Optional[bool] = typer.Option(None, "--low-memory", help="bf16 gradients and AdamW moments, full checkpointing: about 1.4 GiB for gpt2-125m."),
 ) -> None:
     """Train (or resume) a model."""
     from pocketlm.config import build_train_config
@@ -65,7 +66,7 @@ def train_command(
         batching=batching, device=device, precision=precision, seed=seed, eval_interval=eval_interval,
         eval_batches=eval_batches, save_interval=save_interval, keep_checkpoints=keep_checkpoints,
         log_interval=log_interval, val_fraction=val_fraction, cache_dir=cache_dir, checkpointing=checkpointing,
-        full_checkpoint_blocks=full_checkpoint_blocks, vram=vram)
+        full_checkpoint_blocks=full_checkpoint_blocks, vram=vram, low_memory=low_memory)
     result = train(cfg)
     where = result.final_checkpoint or result.out_dir
     loss = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
@@ -110,6 +111,7 @@ def plan_command(
     full_checkpoint_blocks: int = typer.Option(2, min=0, help="Blocks recomputed fully on top of selective."),
     vram: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4GB: also print settings that fit it."),
     device: str = typer.Option("cuda", help="Device the plan is for (cuda leaves room for its context)."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="Plan for --low-memory training."),
 ) -> None:
     """Predict a training step's peak memory; with --vram, choose settings that fit. Last line is JSON."""
     from pocketlm.config import CHECKPOINTING_CHOICES, model_preset
@@ -124,15 +126,16 @@ def plan_command(
         raise ConfigError(f"--device must be cpu, cuda or mps; got {device!r}")
     config = model_preset(preset)
     plan = predict_peak(config, batch_size, seq_len, precision=precision, checkpointing=checkpointing,
-                        full_blocks=full_checkpoint_blocks, device=device)
-    print(f"{preset}, micro-batch {batch_size} x {seq_len or config.block_size} tokens, {precision}, "
-          f"{checkpointing} checkpointing ({full_checkpoint_blocks} full blocks), AdamW:")
+                        full_blocks=full_checkpoint_blocks, device=device, low_memory=low_memory)
+    settings = ("low-memory (bf16 gradients and moments, full checkpointing)" if low_memory else
+                f"{checkpointing} checkpointing ({full_checkpoint_blocks} full blocks)")
+    print(f"{preset}, micro-batch {batch_size} x {seq_len or config.block_size} tokens, {precision}, {settings}, AdamW:")
     print(format_plan(plan))
     result: dict = {"plan": plan.as_dict()}
     if vram:
         budget = parse_size(vram)
         choice = fit_to_budget(config, budget, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len,
-                               precision=precision, device=device)
+                               precision=precision, device=device, low_memory=low_memory)
         print(f"fits {budget / GiB:.2f} GiB: --batch-size {choice.batch_size} --grad-accum {choice.grad_accum} "
               f"--checkpointing {choice.checkpointing} --full-checkpoint-blocks {choice.full_checkpoint_blocks} "
               f"(effective batch {choice.batch_size * choice.grad_accum}, predicted {choice.plan.total / GiB:.2f} GiB)")

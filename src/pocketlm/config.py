@@ -131,6 +131,9 @@ class TrainConfig:
     checkpointing: str = "selective"
     """Activation checkpointing: selective (keep matmul and attention outputs, recompute the
     cheap ops in backward), full (keep only block inputs), or none. Same results, less memory."""
+    low_memory: bool = False
+    """Gradients and AdamW moments in bf16 (weights stay fp32) and full activation
+    checkpointing: about 1.4 GiB instead of 2.4 on the seed workload. Not with fp16."""
     vram: str | None = None
     """Memory budget such as ``4GB`` (or ``auto`` on CUDA: the free memory). The planner then
     picks micro-batch, accumulation and checkpointing that fit, keeping the effective batch."""
@@ -156,6 +159,8 @@ class TrainConfig:
             raise ConfigError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.low_memory and self.precision == "fp16":
+            raise ConfigError("--low-memory keeps gradients in bf16 and cannot be combined with --precision fp16")
         if self.full_checkpoint_blocks < 0:
             raise ConfigError(f"--full-checkpoint-blocks must not be negative, got {self.full_checkpoint_blocks}")
         for name, choices in (("batching", BATCHING_CHOICES), ("device", DEVICE_CHOICES),

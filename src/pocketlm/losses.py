@@ -10,6 +10,8 @@ until backward, which merely scales them.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 IGNORE_INDEX = -100
@@ -25,7 +27,7 @@ def _compute_dtype(device_type: str, fallback: torch.dtype) -> torch.dtype:
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
-                chunk_tokens: int) -> torch.Tensor:
+                chunk_tokens: int, weight_grad_sink: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
         dtype = _compute_dtype(hidden.device.type, hidden.dtype)
         need_grads = any(ctx.needs_input_grad[:2])
         with torch.autocast(hidden.device.type, enabled=False):
@@ -64,6 +66,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # A tied weight's gradient would otherwise wait, cast to fp32, in autograd's buffer
         # until the embedding's share arrives at the end of backward (154 MB on gpt2-125m).
         ctx.accumulate_into = weight if weight.is_leaf and weight.requires_grad else None
+        ctx.weight_grad_sink = weight_grad_sink
         return loss
 
     @staticmethod
@@ -74,28 +77,33 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # In place: these buffers are used once, and copies would double their memory.
         grad_hidden.mul_(grad_loss)
         weight = ctx.accumulate_into
-        if weight is None:
-            return grad_hidden.to(ctx.hidden_dtype), grad_weight.mul_(grad_loss), None, None
-        # Gradient-accumulation fusion (as in Megatron-LM): add straight into .grad.
         grad_weight.mul_(grad_loss)
-        if weight.grad is None:
+        if weight is None:
+            return grad_hidden.to(ctx.hidden_dtype), grad_weight, None, None, None
+        # Gradient-accumulation fusion (as in Megatron-LM): add straight into .grad, or into
+        # the buffer a low-memory optimizer keeps instead.
+        if ctx.weight_grad_sink is not None:
+            ctx.weight_grad_sink(grad_weight)
+        elif weight.grad is None:
             weight.grad = grad_weight.to(weight.dtype)
         else:
             weight.grad.add_(grad_weight)
-        return grad_hidden.to(ctx.hidden_dtype), None, None, None
+        return grad_hidden.to(ctx.hidden_dtype), None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                               chunk_tokens: int | None = None) -> torch.Tensor:
+                               chunk_tokens: int | None = None,
+                               weight_grad_sink: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Summed NLL of ``softmax(hidden @ weight.T)`` at ``targets`` (IGNORE_INDEX skipped).
 
     ``hidden`` is (..., C), ``targets`` (...). Equal to ``token_nll_sum(hidden @ weight.T, targets)``
     up to rounding, with the gradients of ``hidden`` and ``weight``, in a fraction of the memory.
     A leaf ``weight``'s gradient is added directly to ``weight.grad`` during ``backward()``, so
-    use ``.backward()`` rather than ``torch.autograd.grad`` for it.
+    use ``.backward()`` rather than ``torch.autograd.grad`` for it; ``weight_grad_sink``, if
+    given, receives that gradient instead.
     """
     h = hidden.reshape(-1, hidden.size(-1))
     t = targets.reshape(-1)
     if chunk_tokens is None:
         chunk_tokens = max(1, CHUNK_ELEMENTS // weight.size(0))
-    return _FusedLinearCrossEntropy.apply(h, weight, t, chunk_tokens)
+    return _FusedLinearCrossEntropy.apply(h, weight, t, chunk_tokens, weight_grad_sink)

@@ -150,6 +150,7 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # tied input and output embeddings
         self.set_checkpointing("none")
         self.fused_loss = True  # see nll_sum
+        self.weight_grad_sink = None  # where the output layer's weight gradient goes (lowmem.py)
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by depth so the residual stream's variance stays put.
         for name, p in self.named_parameters():
@@ -228,7 +229,7 @@ class GPT(nn.Module):
         h = self.hidden_states(idx, position_ids=position_ids, segment_ids=segment_ids)
         if not self.fused_loss:  # the plain path, kept as the reference for tests and benchmarks
             return token_nll_sum(self.lm_head(h), targets)
-        return fused_linear_cross_entropy(h, self.lm_head.weight, targets)
+        return fused_linear_cross_entropy(h, self.lm_head.weight, targets, weight_grad_sink=self.weight_grad_sink)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None,
                      dtype: torch.dtype | None = None) -> KVCache:

@@ -102,19 +102,24 @@ def _head_bytes(config: ModelConfig, tokens: int, act: int) -> int:
 
 
 def predict_peak(config: ModelConfig, batch_size: int, seq_len: int | None = None, *, precision: str = "bf16",
-                 checkpointing: str = "selective", full_blocks: int = 2, device: str = "cpu") -> MemoryPlan:
-    """Peak memory of one training micro-step with AdamW (fp32 weights, gradients and state)."""
+                 checkpointing: str = "selective", full_blocks: int = 2, device: str = "cpu",
+                 low_memory: bool = False) -> MemoryPlan:
+    """Peak memory of one training micro-step with AdamW: fp32 weights, gradients and moments,
+    or with ``low_memory`` bf16 gradients and moments and full checkpointing (lowmem.py)."""
     seq_len = seq_len or config.block_size
     if seq_len > config.block_size:
         raise ConfigError(f"sequence length {seq_len} exceeds the context of {config.block_size}")
     tokens = batch_size * seq_len
     act = FP32 if precision == "fp32" else 2
     params = num_parameters(config)
+    if low_memory:
+        checkpointing = "full"
     activations = _activation_bytes(config, tokens, batch_size, seq_len, act, checkpointing, full_blocks)
     head = _head_bytes(config, tokens, act)
-    static = 4 * FP32 * params
+    grad_bytes, moment_bytes = (2, 2) if low_memory else (FP32, FP32)
+    static = (FP32 + grad_bytes + 2 * moment_bytes) * params
     workspace = int(WORKSPACE_FRACTION.get(device, 0.1) * (static + activations + head))
-    return MemoryPlan(weights=FP32 * params, gradients=FP32 * params, optimizer=2 * FP32 * params,
+    return MemoryPlan(weights=FP32 * params, gradients=grad_bytes * params, optimizer=2 * moment_bytes * params,
                       activations=activations, logits_and_loss=head, workspace=workspace)
 
 
@@ -133,30 +138,33 @@ def _checkpoint_ladder(n_layer: int) -> list[tuple[str, int]]:
 
 
 def fit_to_budget(config: ModelConfig, budget_bytes: int, *, batch_size: int, grad_accum: int,
-                  seq_len: int | None = None, precision: str = "bf16", device: str = "cpu") -> FitChoice:
+                  seq_len: int | None = None, precision: str = "bf16", device: str = "cpu",
+                  low_memory: bool = False) -> FitChoice:
     """Settings whose predicted peak fits ``budget_bytes``, keeping the effective batch
     (micro-batch x accumulation). Preference: the largest micro-batch that fits without full
     checkpointing, with the least recomputation; full checkpointing only as a last resort."""
     usable = budget_bytes - (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
     effective = batch_size * grad_accum
     micro_sizes = [m for m in range(effective, 0, -1) if effective % m == 0 and (m & (m - 1)) == 0 or m == batch_size]
-    ladder = _checkpoint_ladder(config.n_layer)
+    ladder = [("full", config.n_layer)] if low_memory else _checkpoint_ladder(config.n_layer)
 
     def first_fit(modes: list[tuple[str, int]]) -> FitChoice | None:
         for micro in sorted(set(micro_sizes), reverse=True):
             for mode, full in modes:
                 plan = predict_peak(config, micro, seq_len, precision=precision, checkpointing=mode,
-                                    full_blocks=full, device=device)
+                                    full_blocks=full, device=device, low_memory=low_memory)
                 if plan.total <= usable:
                     return FitChoice(micro, effective // micro, mode, full, plan)
         return None
 
     choice = first_fit(ladder[:-1]) or first_fit(ladder[-1:])
     if choice is None:
-        smallest = predict_peak(config, 1, seq_len, precision=precision, checkpointing="full", device=device)
+        smallest = predict_peak(config, 1, seq_len, precision=precision, checkpointing="full", device=device,
+                                low_memory=low_memory)
         context = f" ({CUDA_CONTEXT_BYTES / GiB:.2f} GiB of it kept for the CUDA context)" if device == "cuda" else ""
+        hint = "" if low_memory else "; try --low-memory"
         raise ConfigError(f"no setting fits {budget_bytes / GiB:.2f} GiB{context}: even micro-batch 1 with "
-                          f"full checkpointing needs about {smallest.total / GiB:.2f} GiB")
+                          f"full checkpointing needs about {smallest.total / GiB:.2f} GiB{hint}")
     return choice
 
 

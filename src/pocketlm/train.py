@@ -27,6 +27,7 @@ from pocketlm.config import TrainConfig
 from pocketlm.data import ExampleSet, load_dataset
 from pocketlm.device import autocast, resolve_device, resolve_precision
 from pocketlm.errors import ConfigError, TrainingError
+from pocketlm.lowmem import LowMemoryAdamW
 from pocketlm.metrics import MetricsLog
 from pocketlm.model import GPT, decay_groups
 from pocketlm.planner import GiB, FitChoice, fit_to_budget, parse_size
@@ -70,7 +71,19 @@ class Progress:
     micro_splits: int = 0  # out-of-memory halvings so far: each micro-batch runs as 2**k pieces
 
 
-def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_model(cfg: TrainConfig, device: torch.device) -> GPT:
+    """The model as training uses it: ``--low-memory`` implies full activation checkpointing."""
+    model = GPT(cfg.model_config()).to(device)
+    model.set_checkpointing("full" if cfg.low_memory else cfg.checkpointing, cfg.full_checkpoint_blocks)
+    return model
+
+
+def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.low_memory:
+        optimizer = LowMemoryAdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        head = model.lm_head.weight
+        model.weight_grad_sink = lambda grad: optimizer.accumulate(head, grad)
+        return optimizer
     kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2)}
     if device.type in ("cuda", "cpu"):
         kwargs["fused"] = True  # one kernel for the whole update, and no foreach temporaries
@@ -98,7 +111,9 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, micro_batches: list
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    if grad_clip > 0:
+    if isinstance(optimizer, LowMemoryAdamW):  # its gradients live in its own bf16 buffers
+        grad_norm = optimizer.clip_grad_norm_(grad_clip)
+    elif grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
         grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
@@ -204,7 +219,7 @@ def apply_memory_budget(cfg: TrainConfig, device: torch.device, precision: str) 
     else:
         budget = parse_size(cfg.vram)
     choice = fit_to_budget(cfg.model_config(), budget, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                           precision=precision, device=device.type)
+                           precision=precision, device=device.type, low_memory=cfg.low_memory)
     fitted = dataclasses.replace(cfg, batch_size=choice.batch_size, grad_accum=choice.grad_accum,
                                  checkpointing=choice.checkpointing,
                                  full_checkpoint_blocks=choice.full_checkpoint_blocks)
@@ -263,8 +278,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
                                  "checkpointing": cfg.checkpointing,
                                  "full_checkpoint_blocks": cfg.full_checkpoint_blocks}}
     torch.manual_seed(cfg.seed)
-    model = GPT(model_cfg).to(device)
-    model.set_checkpointing(cfg.checkpointing, cfg.full_checkpoint_blocks)
+    model = build_model(cfg, device)
     optimizer = build_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     batches_per_epoch = len(epoch_batches(cfg.batching, data.train.lengths, cfg.batch_size,

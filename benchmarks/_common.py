@@ -1,0 +1,71 @@
+"""Helpers the benchmark scripts share: what machine this is, the exact command, and rewriting
+one section of docs/benchmarks.md (each script owns one section)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+DOCS_INTRO = "# Benchmarks\n\nMeasurements of pocketlm, each section written by a script in `benchmarks/`.\n"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(threads: int) -> str:
+    return f"{cpu_model()}, {os.cpu_count()} cores, {threads} torch thread(s)"
+
+
+def exact_command() -> str:
+    """How this script was run, relative to the current directory when possible."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        shown = str(script.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        shown = str(script)
+    return shlex.join(["python", shown, *sys.argv[1:]])
+
+
+def replace_section(text: str, section: str, heading: str) -> str:
+    """Replace ``heading``'s section (up to the next ``## `` heading outside code fences) with
+    ``section``; append it when missing."""
+    lines = text.splitlines(keepends=True)
+    start = end = None
+    fenced = False
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        if fenced:
+            continue
+        if start is None and line.rstrip() == heading:
+            start = i
+        elif start is not None and line.startswith("## "):
+            end = i
+            break
+    body = section.rstrip("\n") + "\n"
+    if start is None:
+        prefix = text.rstrip("\n")
+        return (prefix + "\n\n" if prefix else "") + body
+    tail = lines[end:] if end is not None else []
+    return "".join(lines[:start]) + body + ("\n" if tail else "") + "".join(tail)
+
+
+def update_docs(section: str, heading: str, path: Path = DOCS) -> None:
+    """Rewrite one section of the benchmarks page atomically; the other sections stay as they are."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else DOCS_INTRO
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(replace_section(text, section, heading), encoding="utf-8")
+    os.replace(tmp, path)
