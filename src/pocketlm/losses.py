@@ -71,9 +71,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):  # type: ignore[override]
-        if ctx.saved_tensors is None:  # pragma: no cover
-            raise RuntimeError("fused cross-entropy supports a single backward pass")
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight = ctx.saved_tensors  # a second backward fails here: the buffers are freed
         # In place: these buffers are used once, and copies would double their memory.
         grad_hidden.mul_(grad_loss)
         weight = ctx.accumulate_into
