@@ -8,6 +8,7 @@ import platform
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 DOCS_INTRO = "# Benchmarks\n\nMeasurements of pocketlm, each section written by a script in `benchmarks/`.\n"
@@ -25,6 +26,36 @@ def cpu_model() -> str:
 
 def machine_line(threads: int) -> str:
     return f"{cpu_model()}, {os.cpu_count()} cores, {threads} torch thread(s)"
+
+
+def machine_info(device: Any) -> dict[str, Any]:
+    """CPU, cores, library versions, torch threads and the device (and GPU name on CUDA)."""
+    import torch
+
+    info = {"cpu": cpu_model(), "logical_cores": os.cpu_count(),
+            "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "device": str(device)}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        info["transformers"] = None
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def hf_dropouts(model_cfg: Any, dropouts: str = "pocketlm") -> dict[str, float]:
+    """``pocketlm``: the model config's own dropouts (attention-probability dropout is
+    ``attn_dropout`` where the config has it); ``gpt2``: ``GPT2Config``'s defaults, 0.1 everywhere."""
+    if dropouts == "gpt2":
+        return {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}
+    if dropouts != "pocketlm":
+        raise ValueError(f"dropouts must be pocketlm or gpt2; got {dropouts!r}")
+    return {"resid_pdrop": model_cfg.dropout, "embd_pdrop": model_cfg.dropout,
+            "attn_pdrop": getattr(model_cfg, "attn_dropout", model_cfg.dropout)}
 
 
 def exact_command() -> str:

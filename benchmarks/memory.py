@@ -57,7 +57,6 @@ import gc
 import inspect
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -69,7 +68,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py beside this script
-from _common import cpu_model, exact_command, update_docs
+from _common import exact_command, hf_dropouts, machine_info, update_docs
 from pocketlm import train as train_mod
 from pocketlm.batching import MicroBatch
 from pocketlm.config import PRESETS, ModelConfig, TrainConfig
@@ -398,17 +397,6 @@ def _cross_checked(fn: Callable[[], None], model: torch.nn.Module, optimizer: to
     return report, total
 
 
-def hf_dropouts(model_cfg: ModelConfig, dropouts: str) -> dict[str, float]:
-    """``pocketlm``: the model config's own dropouts (attention-probability dropout is
-    ``attn_dropout`` where the config has it); ``gpt2``: ``GPT2Config``'s defaults, 0.1 everywhere."""
-    if dropouts == "gpt2":
-        return {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}
-    if dropouts != "pocketlm":
-        raise ValueError(f"dropouts must be pocketlm or gpt2; got {dropouts!r}")
-    return {"resid_pdrop": model_cfg.dropout, "embd_pdrop": model_cfg.dropout,
-            "attn_pdrop": getattr(model_cfg, "attn_dropout", model_cfg.dropout)}
-
-
 def measure_hf_step(preset: str, batch_size: int, seq_len: int, *, precision: str = "bf16",
                     device: str | torch.device | None = None, method: str = "auto", seed: int = 0,
                     dropouts: str = "pocketlm", grad_accum: int = 1) -> dict[str, Any]:
@@ -585,22 +573,6 @@ def measure_throughput(preset: str, batch_size: int, seq_len: int, *, precision:
 
 
 
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    info = {"cpu": cpu_model(), "logical_cores": os.cpu_count(),
-            "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "device": str(device)}
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover
-        info["transformers"] = None
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 # Seed-workload rows: name -> (what, accumulated micro-batches or None for the default).

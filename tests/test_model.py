@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pocketlm.config import PRESETS, ModelConfig
 from pocketlm.model import GPT, IGNORE_INDEX, decay_groups, token_nll_sum
@@ -331,3 +332,39 @@ def test_checkpointing_is_inactive_in_eval_and_with_a_cache() -> None:
     torch.testing.assert_close(cached, model(idx))
     with pytest.raises(ValueError):
         model.set_checkpointing("sometimes")
+
+
+def test_token_embedding_gradient_goes_straight_into_grad():
+    """The fused lookup adds each row's gradient into weight.grad (repeated ids summed, an existing
+    gradient kept), exactly what autograd's dense embedding gradient would add."""
+    from pocketlm.model import embed_tokens
+
+    torch.manual_seed(0)
+    weight = torch.randn(50, 8, requires_grad=True)
+    idx = torch.tensor([[3, 7, 3, 3], [0, 49, 7, 1]])  # repeats on purpose
+    upstream = torch.randn(2, 4, 8)
+    expected = torch.autograd.grad(F.embedding(idx, weight), weight, upstream)[0]
+    (embed_tokens(idx, weight) * upstream).sum().backward()
+    torch.testing.assert_close(weight.grad, expected)
+    (embed_tokens(idx, weight) * upstream).sum().backward()  # accumulates like autograd
+    torch.testing.assert_close(weight.grad, 2 * expected)
+    with torch.no_grad():
+        assert torch.equal(embed_tokens(idx, weight), F.embedding(idx, weight))
+
+
+def test_tied_weight_gradient_equals_unfused_autograd(monkeypatch):
+    """Both fusions (output layer and embedding) write the tied weight's .grad; together they
+    must equal what plain autograd computes with neither."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=300, dropout=0.0)
+    fused = GPT(cfg)
+    plain = GPT(cfg)
+    plain.load_state_dict(fused.state_dict())
+    plain.fused_loss = False
+    idx, targets = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+    fused.nll_sum(idx, targets).backward()
+    monkeypatch.setattr("pocketlm.model.embed_tokens", F.embedding)
+    logits = plain(idx)
+    wte = plain.transformer.wte.weight
+    expected = torch.autograd.grad(token_nll_sum(logits, targets), wte)[0]
+    torch.testing.assert_close(fused.transformer.wte.weight.grad, expected, rtol=1e-4, atol=1e-5)

@@ -55,6 +55,7 @@ def train_command(
     full_checkpoint_blocks: Optional[int] = typer.Option(None, help="Blocks recomputed fully on top of selective checkpointing (default 2)."),
     vram: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4GB (auto on CUDA: free memory): fit micro-batch and checkpointing to it."),
     low_memory: Optional[bool] = typer.Option(None, "--low-memory", help="bf16 gradients and AdamW moments, full checkpointing: about 1.4 GiB for gpt2-125m."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the transformer blocks (default: on for CPU/CUDA runs of 50+ steps)."),
 ) -> None:
     """Train (or resume) a model."""
     from pocketlm.config import build_train_config
@@ -66,7 +67,7 @@ def train_command(
         batching=batching, device=device, precision=precision, seed=seed, eval_interval=eval_interval,
         eval_batches=eval_batches, save_interval=save_interval, keep_checkpoints=keep_checkpoints,
         log_interval=log_interval, val_fraction=val_fraction, cache_dir=cache_dir, checkpointing=checkpointing,
-        full_checkpoint_blocks=full_checkpoint_blocks, vram=vram, low_memory=low_memory)
+        full_checkpoint_blocks=full_checkpoint_blocks, vram=vram, low_memory=low_memory, compile=compile)
     result = train(cfg)
     where = result.final_checkpoint or result.out_dir
     loss = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""

@@ -140,6 +140,10 @@ class TrainConfig:
     full_checkpoint_blocks: int = 2
     """With selective checkpointing, also recompute this many blocks fully (more memory saved,
     more compute)."""
+    compile: bool | None = None
+    """Compile the transformer blocks with ``torch.compile``. None (auto): on for CPU and CUDA
+    runs of at least ``COMPILE_MIN_STEPS`` optimizer steps, where the speed-up outweighs the
+    compile time (see docs/benchmarks.md), off otherwise."""
 
     def __post_init__(self) -> None:
         self.validate()

@@ -24,43 +24,87 @@ def _compute_dtype(device_type: str, fallback: torch.dtype) -> torch.dtype:
     return fallback
 
 
+def _softmax_grad_in_place(logits: torch.Tensor, targets: torch.Tensor,
+                           need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed NLL of one chunk of logits (n, V) and, if ``need_grad``, its gradient
+    ``softmax - one_hot`` (zero on ignored rows) in the logits' dtype. Eager and lean: it
+    works in place on one fp32 copy of the chunk."""
+    valid = (targets != IGNORE_INDEX)[:, None]  # (n, 1)
+    safe_t = targets.clamp(min=0)[:, None]  # (n, 1)
+    x = logits.float()  # (n, V); the same tensor when already fp32
+    # softmax in place: torch.logsumexp would allocate another (n, V) buffer
+    row_max = x.amax(dim=-1, keepdim=True)  # (n, 1)
+    target_logit = x.gather(1, safe_t) - row_max  # (n, 1)
+    probs = x.sub_(row_max).exp_()  # unnormalised, (n, V)
+    total = probs.sum(dim=-1, keepdim=True)  # (n, 1)
+    loss = torch.where(valid, total.log() - target_logit, 0.0).sum()
+    if not need_grad:
+        return loss, None
+    probs.div_(total).scatter_add_(1, safe_t, torch.full_like(total, -1.0)).mul_(valid)
+    return loss, probs.to(logits.dtype)
+
+
+def _softmax_grad_functional(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_softmax_grad_in_place`` written for ``torch.compile``: it fuses into two passes over the
+    chunk that read the low-precision logits and write the low-precision gradient, with no fp32
+    copy in between (5x faster than the eager version on a CPU)."""
+    valid = (targets != IGNORE_INDEX)[:, None]  # (n, 1)
+    safe_t = targets.clamp(min=0)[:, None]  # (n, 1)
+    x = logits.float()  # (n, V)
+    row_max = x.amax(dim=-1, keepdim=True)  # (n, 1)
+    unnormalised = (x - row_max).exp()  # (n, V)
+    total = unnormalised.sum(dim=-1, keepdim=True)  # (n, 1)
+    loss = torch.where(valid, total.log() + row_max - x.gather(1, safe_t), 0.0).sum()
+    one_hot = torch.arange(x.size(1), device=x.device)[None, :] == safe_t  # (n, V)
+    grad = (unnormalised / total - one_hot.to(x.dtype)) * valid
+    return loss, grad.to(logits.dtype)
+
+
+_compiled_softmax_grad: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+def _softmax_grad_compiled(logits: torch.Tensor, targets: torch.Tensor,
+                           need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    global _compiled_softmax_grad
+    if not need_grad:
+        return _softmax_grad_in_place(logits, targets, need_grad=False)
+    if _compiled_softmax_grad is None:
+        _compiled_softmax_grad = torch.compile(_softmax_grad_functional)
+    return _compiled_softmax_grad(logits, targets)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
-                chunk_tokens: int, weight_grad_sink: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
+                chunk_tokens: int, weight_grad_sink: Callable[[torch.Tensor], None] | None,
+                compiled: bool) -> torch.Tensor:
         dtype = _compute_dtype(hidden.device.type, hidden.dtype)
         need_grads = any(ctx.needs_input_grad[:2])
+        softmax_grad = _softmax_grad_compiled if compiled else _softmax_grad_in_place
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)  # (V, C); a no-op in fp32
             h = hidden.to(dtype)  # (N, C)
-            if need_grads:
-                grad_hidden = torch.empty_like(h)  # (N, C)
-                # Accumulated in the compute dtype by addmm (fp32 accumulation inside each
-                # product); the plain autocast path also rounds this gradient to bf16 once.
-                grad_weight = torch.zeros_like(w)  # (V, C)
+            grad_hidden = torch.empty_like(h) if need_grads else None  # (N, C)
+            # Accumulated in the compute dtype by addmm (fp32 accumulation inside each
+            # product); the plain autocast path also rounds this gradient to bf16.
+            grad_weight: torch.Tensor | None = None  # (V, C)
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for start in range(0, h.size(0), chunk_tokens):
                 h_c, t_c = h[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-                valid = (t_c != IGNORE_INDEX)[:, None]  # (n, 1)
-                safe_t = t_c.clamp(min=0)[:, None]  # (n, 1)
-                logits = (h_c @ w.t()).float()  # (n, V)
-                # softmax in place: torch.logsumexp would allocate another (n, V) buffer
-                row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
-                target_logit = logits.gather(1, safe_t) - row_max  # (n, 1)
-                probs = logits.sub_(row_max).exp_()  # unnormalised, (n, V)
-                total = probs.sum(dim=-1, keepdim=True)  # (n, 1)
-                loss += torch.where(valid, total.log() - target_logit, 0.0).sum()
-                if not need_grads:
+                chunk_loss, g = softmax_grad(h_c @ w.t(), t_c, need_grads)  # g: d(sum NLL)/d logits, (n, V)
+                loss += chunk_loss
+                if g is None:
                     continue
-                # d(sum NLL)/d logits = softmax - one_hot, zero on ignored rows
-                probs.div_(total).scatter_add_(1, safe_t, torch.full_like(total, -1.0)).mul_(valid)
-                g = probs.to(dtype)
-                del logits, probs
                 torch.mm(g, w, out=grad_hidden[start:start + chunk_tokens])
-                grad_weight.addmm_(g.t(), h_c)
+                if grad_weight is None:
+                    grad_weight = g.t() @ h_c  # no zero-filled buffer to add into
+                else:
+                    grad_weight.addmm_(g.t(), h_c)
                 del g  # before the next chunk's logits exist
         if not need_grads:
             return loss
+        if grad_weight is None:  # no tokens at all
+            grad_weight = torch.zeros_like(w)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.hidden_dtype = hidden.dtype
         # A tied weight's gradient would otherwise wait, cast to fp32, in autograd's buffer
@@ -77,7 +121,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         weight = ctx.accumulate_into
         grad_weight.mul_(grad_loss)
         if weight is None:
-            return grad_hidden.to(ctx.hidden_dtype), grad_weight, None, None, None
+            return grad_hidden.to(ctx.hidden_dtype), grad_weight, None, None, None, None
         # Gradient-accumulation fusion (as in Megatron-LM): add straight into .grad, or into
         # the buffer a low-memory optimizer keeps instead.
         if ctx.weight_grad_sink is not None:
@@ -86,22 +130,25 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             weight.grad = grad_weight.to(weight.dtype)
         else:
             weight.grad.add_(grad_weight)
-        return grad_hidden.to(ctx.hidden_dtype), None, None, None, None
+        return grad_hidden.to(ctx.hidden_dtype), None, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                chunk_tokens: int | None = None,
-                               weight_grad_sink: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+                               weight_grad_sink: Callable[[torch.Tensor], None] | None = None,
+                               compiled: bool = False) -> torch.Tensor:
     """Summed NLL of ``softmax(hidden @ weight.T)`` at ``targets`` (IGNORE_INDEX skipped).
 
     ``hidden`` is (..., C), ``targets`` (...). Equal to ``token_nll_sum(hidden @ weight.T, targets)``
     up to rounding, with the gradients of ``hidden`` and ``weight``, in a fraction of the memory.
     A leaf ``weight``'s gradient is added directly to ``weight.grad`` during ``backward()``, so
     use ``.backward()`` rather than ``torch.autograd.grad`` for it; ``weight_grad_sink``, if
-    given, receives that gradient instead.
+    given, receives that gradient instead. ``compiled`` runs the softmax and its gradient
+    through ``torch.compile``; with no fp32 copy of the chunk, chunks can be twice as long
+    for the same memory, which halves the passes over the weight gradient.
     """
     h = hidden.reshape(-1, hidden.size(-1))
     t = targets.reshape(-1)
     if chunk_tokens is None:
-        chunk_tokens = max(1, CHUNK_ELEMENTS // weight.size(0))
-    return _FusedLinearCrossEntropy.apply(h, weight, t, chunk_tokens, weight_grad_sink)
+        chunk_tokens = max(1, CHUNK_ELEMENTS * (2 if compiled else 1) // weight.size(0))
+    return _FusedLinearCrossEntropy.apply(h, weight, t, chunk_tokens, weight_grad_sink, compiled)

@@ -30,13 +30,14 @@ from pocketlm.errors import ConfigError, TrainingError
 from pocketlm.lowmem import LowMemoryAdamW
 from pocketlm.metrics import MetricsLog
 from pocketlm.model import GPT, decay_groups
+from pocketlm.perf import flops_per_token, keep_freed_memory_for_reuse, known_peak_flops, measure_matmul_peak, throughput
 from pocketlm.planner import GiB, FitChoice, fit_to_budget, parse_size
 from pocketlm.tokenizer import get_tokenizer
 
 # Fields that may differ when a run is resumed: they change how it is watched, not its result.
 RUNTIME_FIELDS = {"out_dir", "resume", "device", "eval_interval", "save_interval",
                   "keep_checkpoints", "log_interval", "cache_dir", "eval_batches",
-                  "checkpointing", "full_checkpoint_blocks"}
+                  "checkpointing", "full_checkpoint_blocks", "compile"}
 
 
 @dataclass
@@ -71,10 +72,38 @@ class Progress:
     micro_splits: int = 0  # out-of-memory halvings so far: each micro-batch runs as 2**k pieces
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> GPT:
+# Auto-compile only pays on runs this long: compiling gpt2-125m's block graphs takes about
+# 15 s on a 2-core CPU and saves about 1 s per step (benchmarks/throughput.py).
+COMPILE_MIN_STEPS = 50
+
+
+def should_compile(cfg: TrainConfig, device: torch.device, total_steps: int) -> bool:
+    """``--compile`` / ``--no-compile`` as given; auto: on CPU and CUDA for runs of at least
+    ``COMPILE_MIN_STEPS`` steps (MPS support in torch.compile is still partial)."""
+    if cfg.compile is not None:
+        return cfg.compile
+    return device.type in ("cpu", "cuda") and total_steps >= COMPILE_MIN_STEPS
+
+
+def device_peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]:
+    """The matrix-product peak that MFU is judged against, and where it came from: a GPU's
+    datasheet figure when known, else a quick measurement in the run's compute dtype."""
+    known = known_peak_flops(device) if precision in ("bf16", "fp16") else None
+    if known is not None:
+        return known, "datasheet bf16"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    try:
+        return measure_matmul_peak(device, dtype, min_seconds=0.25), f"measured {precision} 2048x2048 matmul"
+    except RuntimeError:  # e.g. a dtype the device cannot multiply
+        return None, "unavailable"
+
+
+def build_model(cfg: TrainConfig, device: torch.device, *, compiled: bool = False) -> GPT:
     """The model as training uses it: ``--low-memory`` implies full activation checkpointing."""
     model = GPT(cfg.model_config()).to(device)
     model.set_checkpointing("full" if cfg.low_memory else cfg.checkpointing, cfg.full_checkpoint_blocks)
+    if compiled:
+        model.compile_blocks()
     return model
 
 
@@ -277,14 +306,18 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
                      "applied": {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                                  "checkpointing": cfg.checkpointing,
                                  "full_checkpoint_blocks": cfg.full_checkpoint_blocks}}
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, device)
-    optimizer = build_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     batches_per_epoch = len(epoch_batches(cfg.batching, data.train.lengths, cfg.batch_size,
                                           model_cfg.block_size, cfg.seed, 0))
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    compiled = should_compile(cfg, device, total_steps)
+    reuses_memory = device.type == "cpu" and keep_freed_memory_for_reuse()
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, device, compiled=compiled)
+    optimizer = build_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    peak_flops, peak_source = device_peak_flops(device, precision)
+    train_flops_per_token = flops_per_token(model_cfg, model_cfg.block_size)
     schedule = CosineSchedule(cfg.lr, total_steps, min(cfg.warmup_steps, total_steps // 10), cfg.min_lr_ratio)
     progress = Progress()
 
@@ -307,15 +340,17 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
                "precision": precision, "config": config_record, "data": data.corpus.description,
                "train_tokens": data.train.n_tokens, "val_tokens": data.validation.n_tokens,
                "total_steps": total_steps, "resumed_from": str(resume_from) if resume_from else None,
-               "start_step": progress.step})
+               "start_step": progress.step, "compiled": compiled, "cpu_memory_reuse": reuses_memory,
+               "peak_flops": peak_flops, "peak_flops_source": peak_source,
+               "flops_per_token": train_flops_per_token})
     if memory_fit is not None:
         log.write({"event": "memory_plan", "vram": requested.vram, "predicted_peak_bytes": memory_fit.plan.total,
                    **config_record["applied"]})
         log.console(f"--vram {requested.vram}: micro-batch {cfg.batch_size} x {cfg.grad_accum} accumulation, "
                     f"{cfg.checkpointing} checkpointing ({cfg.full_checkpoint_blocks} full blocks); "
                     f"predicted peak {memory_fit.plan.total / GiB:.2f} GiB")
-    log.console(f"model {cfg.preset}: {model.num_parameters() / 1e6:.1f}M parameters on {device} ({precision}); "
-                f"{data.train.n_tokens:,} training tokens; {total_steps} steps"
+    log.console(f"model {cfg.preset}: {model.num_parameters() / 1e6:.1f}M parameters on {device} ({precision}"
+                f"{', compiled' if compiled else ''}); {data.train.n_tokens:,} training tokens; {total_steps} steps"
                 + (f"; resuming at step {progress.step}" if progress.step else ""))
 
     def state_dict() -> dict[str, Any]:
@@ -376,19 +411,22 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
                                         model_cfg.block_size, cfg.seed, progress.epoch)
             window_tokens += step_tokens
             if progress.step % cfg.log_interval == 0 or progress.step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_tokens / elapsed if elapsed > 0 else 0.0
+                speed = throughput(window_tokens, time.perf_counter() - window_start, train_flops_per_token,
+                                   peak_flops)
                 log.write({"event": "step", "step": progress.step, "epoch": progress.epoch, "loss": loss_value,
-                           "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s,
-                           "tokens_seen": progress.tokens_seen})
+                           "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": speed.tokens_per_s,
+                           "mfu": speed.mfu, "tokens_seen": progress.tokens_seen})
                 window_tokens, window_start = 0, time.perf_counter()
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed.tokens_per_s:.0f}",
+                                mfu=f"{speed.mfu:.0%}" if speed.mfu is not None else "?")
             bar.update(1)
+            paused = time.perf_counter()  # evaluation and saving are not training time
             if progress.step % cfg.eval_interval == 0 or progress.step == total_steps:
                 val_loss = run_eval()
                 bar.write(f"step {progress.step}: val_loss {val_loss:.4f}, val_ppl {math.exp(min(val_loss, 50)):.2f}")
             if progress.step % cfg.save_interval == 0 or progress.step == total_steps:
                 final = save()
+            window_start += time.perf_counter() - paused
             if on_step is not None:
                 on_step(progress.step)
             if signals and progress.step < total_steps:

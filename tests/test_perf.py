@@ -1,0 +1,99 @@
+"""Speed accounting (FLOPs, peak, MFU, allocator setting) and the fast path's correctness:
+compiled bf16 training must follow the plain fp32 loss curve."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from pocketlm.config import PRESETS, ModelConfig, build_train_config
+from pocketlm.perf import (flops_per_token, keep_freed_memory_for_reuse, known_peak_flops,
+                           measure_matmul_peak, throughput)
+from pocketlm.train import COMPILE_MIN_STEPS, should_compile, train
+
+
+def test_flops_per_token_counts_every_matmul_weight_and_attention():
+    cfg = PRESETS["gpt2-125m"]
+    # 12 blocks x (qkv 3C^2 + proj C^2 + mlp 8C^2) + the tied output layer, 6 FLOPs per weight per
+    # token, plus attention's QK^T and AV: 2 products x 2 FLOPs x T x C per layer, x3 with backward.
+    weights = 12 * 12 * 768 ** 2 + 50257 * 768
+    assert flops_per_token(cfg, 512) == 6 * weights + 12 * 12 * 512 * 768
+    assert 0.79e9 < flops_per_token(cfg, 512) < 0.81e9
+    small = ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=100)
+    assert flops_per_token(small, 64) < flops_per_token(small, 128)  # longer context, more attention
+
+
+def test_measured_matmul_peak_is_plausible():
+    peak = measure_matmul_peak("cpu", torch.float32, size=256, min_seconds=0.05)
+    assert 1e8 < peak < 1e14  # between a slow laptop core and far beyond any CPU
+
+
+def test_throughput_and_mfu():
+    speed = throughput(tokens=8192, seconds=4.0, flops_per_tok=1e9, peak_flops=4e12)
+    assert speed.tokens_per_s == 2048
+    assert speed.mfu == pytest.approx(0.512)
+    assert throughput(100, 1.0, 1e9, None).mfu is None
+
+
+def test_no_datasheet_peak_for_a_cpu():
+    assert known_peak_flops(torch.device("cpu")) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_allocator_setting_takes_on_glibc():
+    assert keep_freed_memory_for_reuse() is True
+
+
+def test_auto_compile_only_for_long_runs_on_cpu_and_cuda():
+    cfg = build_train_config(None, preset="tiny")
+    cpu, mps = torch.device("cpu"), torch.device("mps")
+    assert should_compile(cfg, cpu, COMPILE_MIN_STEPS)
+    assert not should_compile(cfg, cpu, COMPILE_MIN_STEPS - 1)
+    assert not should_compile(cfg, mps, 10 * COMPILE_MIN_STEPS)
+    assert not should_compile(build_train_config(None, preset="tiny", compile=False), cpu, 10 ** 6)
+    assert should_compile(build_train_config(None, preset="tiny", compile=True), cpu, 1)
+
+
+def _curve(corpus_file, tmp_path, name, **overrides):
+    # No dropout: compiled code draws its random masks differently, which is not what is tested.
+    cfg = build_train_config(None, preset="tiny", model={"n_layer": 2, "n_head": 2, "n_embd": 64,
+                                                           "block_size": 64, "dropout": 0.0},
+                             data=str(corpus_file), out_dir=str(tmp_path / name), cache_dir=str(tmp_path / "cache"),
+                             max_steps=8, batch_size=4, grad_accum=2, device="cpu", batching="pack",
+                             eval_interval=100, save_interval=100, log_interval=1, warmup_steps=1,
+                             lr=3e-3, seed=3, **overrides)
+    result = train(cfg, show_progress=False)
+    steps = [r for r in result.history if r.get("event") == "step"]
+    start = next(r for r in result.history if r.get("event") == "start")
+    return start, [r["loss"] for r in steps], steps
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported() and not torch.cpu._is_amx_tile_supported(),
+                    reason="bf16 autocast is emulated (and slow) without AVX512-BF16 or AMX")
+def test_fast_path_follows_the_plain_loss_curve(corpus_file, tmp_path):
+    """The trainer's fast path (torch.compile + bf16 autocast + compiled loss kernel) and the
+    plain path (eager fp32) from the same initialisation and batches: the loss curves agree to
+    bf16 rounding over 8 steps, while the loss itself falls by far more than that tolerance."""
+    plain_start, plain, _ = _curve(corpus_file, tmp_path, "plain", precision="fp32", compile=False)
+    fast_start, fast, steps = _curve(corpus_file, tmp_path, "fast", precision="bf16", compile=True)
+    assert (plain_start["compiled"], fast_start["compiled"]) == (False, True)
+    assert plain[0] - plain[-1] > 0.5  # it is learning, so a broken fast path could not hide
+    for a, b in zip(fast, plain):
+        assert a == pytest.approx(b, rel=2e-3)  # measured: 2e-5
+    # the log carries speed and MFU against the measured peak of this device
+    assert fast_start["peak_flops"] > 0 and "measured bf16" in fast_start["peak_flops_source"]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in steps)
+    json.dumps(fast_start)  # the start event is plain JSON
+
+
+@pytest.mark.slow
+def test_compiled_fp32_matches_eager_fp32_closely(corpus_file, tmp_path):
+    """torch.compile alone (no precision change) must not move the curve beyond fp32 rounding."""
+    _, eager, _ = _curve(corpus_file, tmp_path, "eager", precision="fp32", compile=False)
+    _, compiled, _ = _curve(corpus_file, tmp_path, "compiled", precision="fp32", compile=True)
+    for a, b in zip(compiled, eager):
+        assert a == pytest.approx(b, rel=1e-5)  # measured: 1e-7
