@@ -19,7 +19,7 @@ from pocketlm.cli import main
 from pocketlm.config import ModelConfig
 from pocketlm.errors import ConfigError
 from pocketlm.generate import (Generator, OrderedPrinter, StreamDecoder, apply_repetition_penalty,
-                               filter_logits, mark_seen, read_prompt_file, sample_next, sample_seed)
+                               filter_logits, lookup_draft, mark_seen, read_prompt_file, sample_next, sample_seed)
 from pocketlm.model import GPT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_greedy_with_cache_matches_full_recompute_tokens_and_logits(model: GPT, 
     n_new = CONFIG.block_size - len(tokenizer.encode(prompt))  # fills the context exactly: no sliding
     cached_gen, plain_gen = Generator(model, tokenizer, "cpu"), Generator(model, tokenizer, "cpu")
     cached_rec, plain_rec = LogitRecorder(cached_gen), LogitRecorder(plain_gen)
-    cached = cached_gen.generate(prompt, max_new_tokens=n_new, temperature=0, use_cache=True)[0]
+    cached = cached_gen.generate(prompt, max_new_tokens=n_new, temperature=0, use_cache=True, prompt_lookup=0)[0]
     plain = plain_gen.generate(prompt, max_new_tokens=n_new, temperature=0, use_cache=False)[0]
     assert cached.completion_tokens == n_new and cached.finish_reason == "length"
     assert cached.token_ids == plain.token_ids
@@ -117,6 +117,76 @@ def test_generation_past_the_context_slides_the_window(model: GPT, tokenizer) ->
     for s_full, s_half, prompt in zip(a, c, PROMPTS[:2]):
         first_slide = CONFIG.block_size - len(tokenizer.encode(prompt)) + 1
         assert s_half.token_ids[:first_slide] == s_full.token_ids[:first_slide]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt lookup
+
+
+def test_lookup_draft_continues_the_latest_longest_match() -> None:
+    assert lookup_draft([1, 2, 3, 9, 8, 1, 2, 3], 2) == [9, 8]  # the 3-gram 1 2 3 seen before
+    assert lookup_draft([1, 2, 3, 9, 8, 1, 2, 3], 7) == [9, 8, 1, 2, 3, 9, 8]  # and repeating after it
+    assert lookup_draft([5, 3, 7, 2, 3, 6, 2, 3], 3) == [6, 2, 3]  # latest occurrence of "2 3" wins
+    assert lookup_draft([4, 3, 9, 5, 2, 3], 5) == [9, 5, 2, 3, 9]  # falls back to the 1-gram "3"
+    assert lookup_draft([7, 7, 7, 7], 10) == [7] * 10  # a loop goes on being predicted
+    assert lookup_draft([1, 2, 1, 2, 1, 2], 5) == [1, 2, 1, 2, 1]
+    assert lookup_draft([1, 2, 3, 4], 5) == []  # nothing repeats
+    assert lookup_draft([1, 2, 1], 0) == [] and lookup_draft([1], 4) == []
+
+
+class PassCounter:
+    """Counts the model's forward passes (prefills and decoding steps)."""
+
+    def __init__(self, model: GPT) -> None:
+        self.calls = 0
+        self._inner = model.hidden_states
+        model.hidden_states = self  # type: ignore[method-assign]
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self._inner(*args, **kwargs)
+
+    def restore(self) -> None:
+        del self.model.hidden_states
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_prompt_lookup_gives_the_plain_greedy_tokens_in_fewer_passes(model: GPT, tokenizer, prompt: str) -> None:
+    """Past the context too (the window slides three times), and whatever the number of guesses."""
+    n_new = 3 * CONFIG.block_size
+    gen = Generator(model, tokenizer, "cpu")
+    counter = PassCounter(model)
+    try:
+        plain = gen.generate(prompt, max_new_tokens=n_new, temperature=0, prompt_lookup=0)[0]
+        plain_passes, counter.calls = counter.calls, 0
+        for guesses in (1, 4, 10):
+            fast = gen.generate(prompt, max_new_tokens=n_new, temperature=0, prompt_lookup=guesses)[0]
+            assert fast.token_ids == plain.token_ids and fast.completion == plain.completion
+            assert fast.finish_reason == plain.finish_reason == "length"
+        lookup_passes = counter.calls / 3
+    finally:
+        counter.restore()
+    # this random model repeats itself, so most guesses are right and most passes are saved
+    assert lookup_passes < 0.5 * plain_passes
+
+
+def test_prompt_lookup_stops_at_end_of_text_and_streams_the_same_text(model: GPT, tokenizer) -> None:
+    plain = Generator(model, tokenizer, "cpu").generate(PROMPTS[2], max_new_tokens=40, temperature=0,
+                                                        prompt_lookup=0)[0]
+    # Pretend the plain output's 20th token is <|endoftext|>: both decoders must stop before its first use.
+    eot = plain.token_ids[19]
+    eot_tok = copy.copy(tokenizer)
+    eot_tok.eot_id = eot
+    gen = Generator(model, eot_tok, "cpu")
+    a = gen.generate(PROMPTS[2], max_new_tokens=40, temperature=0, prompt_lookup=0)[0]
+    pieces: list[str] = []
+    b = gen.generate(PROMPTS[2], max_new_tokens=40, temperature=0, prompt_lookup=8,
+                     stream=lambda row, text, finished: pieces.append(text))[0]
+    first = plain.token_ids.index(eot)
+    assert a.token_ids == b.token_ids == plain.token_ids[:first]
+    assert a.finish_reason == b.finish_reason == "eot"
+    assert "".join(pieces) == b.completion
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,7 +520,7 @@ def test_cli_default_prompt_without_a_terminal(checkpoint: Path, capsys: pytest.
 
 @pytest.mark.parametrize("flags", [["--temperature", "-1"], ["--top-k", "-1"], ["--top-p", "0"], ["--top-p", "1.5"],
                                    ["--repetition-penalty", "0"], ["--max-new-tokens", "0"], ["--num-samples", "0"],
-                                   ["--batch-size", "0"], ["--top-k", "many"]])
+                                   ["--batch-size", "0"], ["--top-k", "many"], ["--prompt-lookup", "-1"]])
 def test_cli_bad_flags_exit_2_with_one_line(checkpoint: Path, capsys: pytest.CaptureFixture, flags: list[str]) -> None:
     code, out, err = run_cli(capsys, "--checkpoint", str(checkpoint), "--prompt", "x", *flags)
     assert code == 2

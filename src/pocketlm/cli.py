@@ -163,6 +163,7 @@ def generate_command(
     precision: str = typer.Option("fp32", help="fp32, bf16, fp16 or auto."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object per sample instead of streaming text."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole context at every step (slow; for checking)."),
+    prompt_lookup: int = typer.Option(10, help="Greedy decoding of one prompt: tokens guessed from the text so far and checked in one pass (0 disables; same output either way)."),
 ) -> None:
     """Generate text from a checkpoint: streams to the terminal, or JSON lines with --json."""
     from pocketlm.checkpoint import latest_checkpoint
@@ -174,6 +175,8 @@ def generate_command(
                       repetition_penalty=repetition_penalty, num_samples=num_samples)
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if prompt_lookup < 0:
+        raise ConfigError(f"--prompt-lookup must not be negative, got {prompt_lookup}")
     if prompt is not None and prompt_file is not None:
         raise ConfigError("give --prompt or --prompt-file, not both")
     prompts = read_prompt_file(prompt_file) if prompt_file is not None else None
@@ -191,7 +194,7 @@ def generate_command(
         seed = secrets.randbits(31)  # printed below, so a good sample can be had again
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty, num_samples=num_samples, seed=seed,
-                    batch_size=batch_size, use_cache=not no_cache)
+                    batch_size=batch_size, use_cache=not no_cache, prompt_lookup=prompt_lookup)
 
     def run(batch: list[str]) -> None:
         if json_output:

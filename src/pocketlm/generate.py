@@ -26,6 +26,17 @@ Context length
     small overhead. ``slide_keep=block_size`` re-prefills a full window at every step, which is
     exactly what decoding without the cache (``use_cache=False``) computes.
 
+Prompt lookup (greedy decoding of a single row)
+    At batch 1 every decoding step reads all the weights to produce one token, so a step costs
+    about the same for one token as for ten. Greedy decoding therefore guesses a continuation
+    (the tokens that followed the most recent earlier occurrence of the last 1 to 3 tokens, in
+    the prompt or the text so far: "prompt lookup decoding", Saxena 2023) and feeds it together
+    with the last token in one pass. The model's own argmax at each of those positions says how
+    many guessed tokens it would have produced itself; those are kept with one more token of its
+    own, and the cache is rolled back past the rest. The output is the plain greedy output, token
+    for token (barring float ties between the one-token and many-token products); only the
+    number of passes changes. Batches of several rows decode one token per pass as before.
+
 Randomness
     Sampling draws from ``torch.Generator`` objects seeded from ``seed``, never the global RNG.
     Each sample has its own generator, seeded from a hash of ``seed``, its prompt and its sample
@@ -48,6 +59,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, TextIO
 
+import numpy as np
 import torch
 
 from pocketlm.device import AUTOCAST_DTYPES, autocast, resolve_device, resolve_precision
@@ -168,6 +180,30 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 
     return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generator)])
 
 
+DEFAULT_PROMPT_LOOKUP = 10  # guessed tokens per pass; a 1 + 10 token pass costs about one token's
+
+
+def lookup_draft(context: Sequence[int], max_tokens: int, max_ngram: int = 3) -> list[int]:
+    """Up to ``max_tokens`` tokens that followed the most recent earlier occurrence of the
+    context's last ``n`` tokens (longest ``n`` <= ``max_ngram`` first); [] when nothing matches.
+
+    The guess is that the text repeats itself with the shift between that occurrence and the
+    end, so where the recorded continuation runs out it goes on with the guess itself: a loop
+    of period d keeps being predicted for as many tokens as asked."""
+    if max_tokens <= 0:
+        return []
+    ctx = np.asarray(context, dtype=np.int64)
+    for n in range(min(max_ngram, len(ctx) - 1), 0, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(ctx[:-1], n)  # (L - n, n): all but the suffix itself
+        hits = np.flatnonzero((windows == ctx[-n:]).all(axis=1))
+        if len(hits):
+            follow = int(hits[-1]) + n
+            recorded = ctx[follow:].tolist()  # non-empty: the match ends before the last token
+            period = len(recorded)
+            return [recorded[i % period] for i in range(max_tokens)]
+    return []
+
+
 def sample_seed(seed: int, prompt: str, sample_index: int) -> int:
     """The seed of one sample's generator: a hash of the call's seed, the prompt and the sample number.
 
@@ -258,13 +294,16 @@ class Generator:
     def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int = 128, temperature: float = 0.8,
                  top_k: int = 50, top_p: float = 1.0, repetition_penalty: float = 1.0, num_samples: int = 1,
                  seed: int | None = None, stream: StreamCallback | None = None, batch_size: int = 16,
-                 use_cache: bool = True, stop_at_eot: bool = True) -> list[Sample]:
+                 use_cache: bool = True, stop_at_eot: bool = True,
+                 prompt_lookup: int = DEFAULT_PROMPT_LOOKUP) -> list[Sample]:
         """Continue each prompt ``num_samples`` times; samples come back prompt by prompt.
 
         ``stream(row, text, finished)`` is called with new text of the sample that will be
         ``result[row]`` as soon as it decodes cleanly, and once with ``finished=True``.
         ``seed=None`` draws a fresh seed (reported in each ``Sample``); greedy decoding needs none.
         ``stop_at_eot=False`` keeps going through ``<|endoftext|>`` (benchmarks want fixed lengths).
+        ``prompt_lookup``: tokens guessed per pass in greedy decoding of one row (0 disables; see
+        the module docstring). It changes the speed, not the text.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -275,6 +314,8 @@ class Generator:
                           repetition_penalty=repetition_penalty, num_samples=num_samples)
         if batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+        if prompt_lookup < 0:
+            raise ConfigError(f"--prompt-lookup must not be negative, got {prompt_lookup}")
         if temperature == 0:
             seed = None
         elif seed is None:
@@ -293,7 +334,12 @@ class Generator:
             with grad_off, autocast(self.device, self.precision):
                 for start in range(0, len(rows), batch_size):
                     chunk = list(range(start, min(start + batch_size, len(rows))))
-                    if use_cache:
+                    lookup = (prompt_lookup > 0 and use_cache and len(chunk) == 1 and temperature == 0
+                              and repetition_penalty == 1.0)
+                    if lookup:
+                        self._decode_lookup(rows[chunk[0]], chunk[0], num_draft=prompt_lookup,
+                                            max_new_tokens=max_new_tokens, stream=stream, eot=settings["eot"])
+                    elif use_cache:
                         self._decode_cached(rows, chunk, **settings)
                     else:
                         self._decode_uncached(rows, chunk, **settings)
@@ -432,6 +478,45 @@ class Generator:
             position_ids = None if pads is None else (cache.length - pads)[:, None]
             hidden = self.model.hidden_states(next_ids[:, None], position_ids=position_ids, kv_cache=cache)
             logits = self._last_logits(hidden)
+
+    def _decode_lookup(self, row: _Row, index: int, *, num_draft: int, max_new_tokens: int,
+                       stream: StreamCallback | None, eot: int | None) -> None:
+        """Greedy decoding of one row with prompt-lookup guesses (see the module docstring)."""
+        t0 = time.perf_counter()
+        rows = {index: row}  # _record indexes rows by the caller's row number
+
+        def emit(tokens: list[int]) -> bool:
+            for tok in tokens:
+                if self._record(rows, [index], [tok], max_new_tokens, t0, stream, eot)[0]:  # type: ignore[arg-type]
+                    return True
+            return False
+
+        cache, logits, _ = self._prefill([row.context], min(self.block_size, len(row.context) + max_new_tokens))
+        pending = int(logits.argmax(dim=-1)[0])  # chosen, not yet in the cache
+        if emit([pending]):
+            return
+        while True:
+            room = cache.max_len - cache.length - 1  # cache slots left after the pending token
+            if room < 0:  # the window slides: re-prefill the recent tokens (pending among them)
+                recent = row.context[-self.slide_keep:]
+                cache, logits, _ = self._prefill([recent], min(self.block_size, len(recent) + max_new_tokens
+                                                               - len(row.out)))
+                pending = int(logits.argmax(dim=-1)[0])
+                if emit([pending]):
+                    return
+                continue
+            draft = lookup_draft(row.context, min(num_draft, room, max_new_tokens - len(row.out)))
+            start = cache.length
+            ids = torch.tensor([[pending, *draft]], device=self.device)
+            hidden = self.model.hidden_states(ids, kv_cache=cache)  # (1, 1 + len(draft), C)
+            predicted = self.model.lm_head(hidden[0]).argmax(dim=-1).tolist()  # the model's token after each
+            accepted = 0
+            while accepted < len(draft) and draft[accepted] == predicted[accepted]:
+                accepted += 1
+            cache.length = start + 1 + accepted  # forget the keys of the rejected guesses
+            pending = predicted[accepted]
+            if emit(draft[:accepted] + [pending]):
+                return
 
     def _decode_uncached(self, rows: list[_Row], chunk: list[int], *, max_new_tokens: int, temperature: float,
                          top_k: int, top_p: float, repetition_penalty: float, stream: StreamCallback | None,

@@ -72,8 +72,9 @@ class Progress:
     micro_splits: int = 0  # out-of-memory halvings so far: each micro-batch runs as 2**k pieces
 
 
-# Auto-compile only pays on runs this long: compiling gpt2-125m's block graphs takes about
-# 15 s on a 2-core CPU and saves about 1 s per step (benchmarks/throughput.py).
+# Auto-compile only on runs this long: on a 2-core CPU compiling gpt2-125m costs about 25 s and
+# saves about 2.5 s per step, so it pays after about 10 steps (benchmarks/throughput.py); the
+# margin covers bucket batching, whose first steps compile more shapes.
 COMPILE_MIN_STEPS = 50
 
 
