@@ -19,7 +19,7 @@ from pocketlm.cli import main
 from pocketlm.config import ModelConfig
 from pocketlm.errors import ConfigError
 from pocketlm.generate import (Generator, OrderedPrinter, StreamDecoder, apply_repetition_penalty,
-                               filter_logits, lookup_draft, mark_seen, read_prompt_file, sample_next, sample_seed)
+                               filter_logits, lookup_draft, mark_seen, next_guess_count, read_prompt_file, sample_next, sample_seed)
 from pocketlm.model import GPT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -132,6 +132,13 @@ def test_lookup_draft_continues_the_latest_longest_match() -> None:
     assert lookup_draft([1, 2, 1, 2, 1, 2], 5) == [1, 2, 1, 2, 1]
     assert lookup_draft([1, 2, 3, 4], 5) == []  # nothing repeats
     assert lookup_draft([1, 2, 1], 0) == [] and lookup_draft([1], 4) == []
+
+
+def test_guess_long_only_after_all_guesses_came_true() -> None:
+    assert next_guess_count(0, 0, 15) == 2  # nothing guessed yet: probe
+    assert next_guess_count(2, 2, 15) == 15  # every guess right: go long
+    assert next_guess_count(15, 14, 15) == 2  # one wrong: back to probing
+    assert next_guess_count(0, 0, 1) == 1  # never more than asked for
 
 
 class PassCounter:

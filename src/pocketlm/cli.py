@@ -163,7 +163,7 @@ def generate_command(
     precision: str = typer.Option("fp32", help="fp32, bf16, fp16 or auto."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object per sample instead of streaming text."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole context at every step (slow; for checking)."),
-    prompt_lookup: int = typer.Option(10, help="Greedy decoding of one prompt: tokens guessed from the text so far and checked in one pass (0 disables; same output either way)."),
+    prompt_lookup: int = typer.Option(15, help="Greedy decoding of one prompt: at most this many tokens guessed from the text so far and checked in one pass (0 disables; same output either way)."),
 ) -> None:
     """Generate text from a checkpoint: streams to the terminal, or JSON lines with --json."""
     from pocketlm.checkpoint import latest_checkpoint
