@@ -93,12 +93,16 @@ def _head_bytes(config: ModelConfig, tokens: int, act: int) -> int:
     the gradients it computes for backward, and one chunk of logits in three forms."""
     V, C = config.vocab_size, config.n_embd
     weight_copy = act * V * C if act < FP32 else 0
-    grads = act * V * C + act * tokens * C
-    chunk = max(1, CHUNK_ELEMENTS // V)
-    # a chunk's logits in the compute dtype and in fp32, then the fp32 ones and their gradient
-    # cast back: two buffers at a time (one in fp32, where the casts are no-ops)
-    chunk_bytes = (act + FP32) if act < FP32 else FP32
-    return weight_copy + grads + min(chunk, tokens) * V * chunk_bytes
+    grad_hidden, grad_weight = act * tokens * C, act * V * C
+    chunk = min(max(1, CHUNK_ELEMENTS // V), tokens)
+    # a chunk's logits in fp32 and their gradient cast back to the compute dtype: two buffers at
+    # a time (one in fp32, where the cast is a no-op)
+    softmax = chunk * V * ((act + FP32) if act < FP32 else FP32)
+    if chunk == tokens:  # one chunk: the weight gradient is created once the fp32 logits are gone
+        chunk_peak = max(softmax, chunk * V * act + grad_weight)
+    else:
+        chunk_peak = softmax + grad_weight
+    return weight_copy + grad_hidden + chunk_peak
 
 
 def predict_peak(config: ModelConfig, batch_size: int, seq_len: int | None = None, *, precision: str = "bf16",
