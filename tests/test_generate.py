@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pocketlm.cli import main
@@ -320,14 +320,17 @@ def test_top_p_keeps_the_smallest_nucleus() -> None:
 
 
 @given(st.lists(st.floats(-20, 20), min_size=1, max_size=30), st.floats(0.01, 1.0))
+@example(values=[0.0, 16.0, 16.0], top_p=0.5)
 def test_top_p_property(values: list[float], top_p: float) -> None:
     logits = torch.tensor([values], dtype=torch.float64)
     probs = torch.softmax(logits, -1)[0]
     keep = torch.isfinite(filter_logits(logits, top_p=top_p))[0]
     assert probs[keep].max() == probs.max()  # a most likely token stays (any one of a tie)
-    assert probs[keep].sum() >= top_p - 1e-9 or keep.all()
+    # filter_logits works in fp32 (as sampling does), so allow fp32 rounding: with values
+    # [0, 16, 16] and top_p 0.5 one of the tied tokens holds 0.49999994 and is enough there.
+    assert probs[keep].sum() >= top_p - 1e-6 or keep.all()
     # Minimal: without its least likely member the kept set would hold less than top_p.
-    assert probs[keep].sum() - probs[keep].min() < top_p + 1e-9
+    assert probs[keep].sum() - probs[keep].min() < top_p + 1e-6
     assert (probs[~keep] <= probs[keep].min() + 1e-12).all()  # never drops a likelier token
 
 
