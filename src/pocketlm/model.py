@@ -10,6 +10,7 @@ a block-diagonal causal mask; cached decoding passes a ``KVCache`` that knows wh
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -215,6 +216,13 @@ def _selective_block(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | Non
 BLOCK_RUNNERS = {"none": _plain_block, "full": _full_block, "selective": _selective_block}
 
 
+def _silence_sac_in_place_warning(record: logging.LogRecord) -> bool:
+    """torch.compile warns, on every run, that a selectively checkpointed region must not hold
+    in-place ops. A training ``Block`` has none (the KV cache's writes only run in inference),
+    so the warning is noise in the trainer's output."""
+    return "context_fn is passed to torch.utils.checkpoint" not in record.getMessage()
+
+
 def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """Block-diagonal causal mask: position i sees j iff j <= i and both lie in the same segment."""
     T = segment_ids.size(1)
@@ -270,6 +278,7 @@ class GPT(nn.Module):
         and the bf16 casts fuse into a few kernels per block. Inference and cached decoding stay
         eager (their shapes change every call). The results are those of the eager model up to
         floating-point rounding."""
+        logging.getLogger("torch._higher_order_ops.wrap").addFilter(_silence_sac_in_place_warning)
         self.block_runners = {mode: torch.compile(fn) for mode, fn in BLOCK_RUNNERS.items()}
         self.compiled = True
 
