@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py beside this script
-from _common import cpu_model, exact_command, update_docs
+from _common import exact_command, machine_info, update_docs
 from pocketlm.batching import Batch, PaddingStats, collate, epoch_batches
 from pocketlm.config import PRESETS, TrainConfig
 from pocketlm.data import ExampleSet, make_examples, read_text, split_documents, tokenize_documents
@@ -109,12 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 
-def machine_info(device: torch.device, precision: str) -> dict[str, Any]:
-    return {"cpu": cpu_model(), "logical_cores": os.cpu_count(),
-            "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "platform": platform.platform(),
-            "device": str(device), "precision": precision}
+def batching_machine_info(device: torch.device, precision: str) -> dict[str, Any]:
+    return {**machine_info(device), "platform": platform.platform(), "precision": precision}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "batching",
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": exact_command(),
-        "machine": machine_info(device, precision),
+        "machine": batching_machine_info(device, precision),
         "settings": {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "seed": args.seed,
                      "precision": precision, "throughput": not args.no_throughput,
                      "interleaved": args.interleave},

@@ -568,12 +568,7 @@ def measure_throughput(preset: str, batch_size: int, seq_len: int, *, precision:
 
 
 # ---------------------------------------------------------------------------------------------
-# Machine, command and the docs section
-
-
-
-
-
+# The docs section
 
 # Seed-workload rows: name -> (what, accumulated micro-batches or None for the default).
 POCKETLM_ROWS = ("pocketlm", "pocketlm_low_memory", "pocketlm_no_checkpointing", "pocketlm_no_savers",
@@ -923,13 +918,6 @@ def docs_section(result: dict[str, Any]) -> str:
               "clipping and `zero_grad(set_to_none=True)`. Each memory figure is one step on random tokens: it does "
               "not depend on the data or on the machine's load; the throughput figures do."]
     return "\n".join(lines) + "\n"
-
-
-
-
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

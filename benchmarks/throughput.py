@@ -431,8 +431,9 @@ def docs_section(r: dict[str, Any]) -> str:
               "boundaries (the same FLOPs). Both use fused AdamW over the same parameter groups and clipping at 1.0; "
               "the HF rows use pocketlm's dropouts (0.1 on embeddings and residuals, none on attention "
               "probabilities) except the one marked GPT-2's dropouts, which is `GPT2Config`'s stock 0.1 everywhere: "
-              "attention-probability dropout sends CPU SDPA to its slow math kernel. pocketlm runs with `perf.keep_freed_memory_for_reuse()` set for the whole "
-              "process (it affects the Hugging Face rows too)."]
+              "attention-probability dropout sends CPU SDPA to its slow math kernel. pocketlm runs with "
+              "`perf.keep_freed_memory_for_reuse()` set for the whole process (it affects the Hugging Face rows "
+              "too)."]
     return "\n".join(lines) + "\n"
 
 

@@ -172,11 +172,8 @@ def generate_command(
                                    read_prompt_file, validate_sampling)
 
     validate_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      repetition_penalty=repetition_penalty, num_samples=num_samples)
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    if prompt_lookup < 0:
-        raise ConfigError(f"--prompt-lookup must not be negative, got {prompt_lookup}")
+                      repetition_penalty=repetition_penalty, num_samples=num_samples, batch_size=batch_size,
+                      prompt_lookup=prompt_lookup)
     if prompt is not None and prompt_file is not None:
         raise ConfigError("give --prompt or --prompt-file, not both")
     prompts = read_prompt_file(prompt_file) if prompt_file is not None else None

@@ -111,7 +111,8 @@ class Sample:
 
 
 def validate_sampling(*, max_new_tokens: int = 1, temperature: float = 1.0, top_k: int = 0,
-                      top_p: float = 1.0, repetition_penalty: float = 1.0, num_samples: int = 1) -> None:
+                      top_p: float = 1.0, repetition_penalty: float = 1.0, num_samples: int = 1,
+                      batch_size: int = 1, prompt_lookup: int = 0) -> None:
     """One-line ``ConfigError`` for any out-of-range generation setting."""
     if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
         raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -125,6 +126,10 @@ def validate_sampling(*, max_new_tokens: int = 1, temperature: float = 1.0, top_
         raise ConfigError(f"--repetition-penalty must be > 0 (1 disables it), got {repetition_penalty}")
     if not (isinstance(num_samples, int) and num_samples >= 1):
         raise ConfigError(f"--num-samples must be at least 1, got {num_samples}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if prompt_lookup < 0:
+        raise ConfigError(f"--prompt-lookup must not be negative, got {prompt_lookup}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -325,11 +330,8 @@ class Generator:
         if not prompts:
             raise ConfigError("no prompt given")
         validate_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          repetition_penalty=repetition_penalty, num_samples=num_samples)
-        if batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-        if prompt_lookup < 0:
-            raise ConfigError(f"--prompt-lookup must not be negative, got {prompt_lookup}")
+                          repetition_penalty=repetition_penalty, num_samples=num_samples, batch_size=batch_size,
+                          prompt_lookup=prompt_lookup)
         if temperature == 0:
             seed = None
         elif seed is None:
