@@ -368,22 +368,3 @@ def test_tied_weight_gradient_equals_unfused_autograd(monkeypatch):
     wte = plain.transformer.wte.weight
     expected = torch.autograd.grad(token_nll_sum(logits, targets), wte)[0]
     torch.testing.assert_close(fused.transformer.wte.weight.grad, expected, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("packed", [False, True])
-def test_cpu_attention_backward_matches_sdpa(packed):
-    """The compiled-CPU attention (flash forward, matrix-product backward) against PyTorch's SDPA,
-    plain causal and block-diagonal (packed documents)."""
-    from pocketlm.model import _CpuAttention
-
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 24, 8, dtype=torch.float64).float().requires_grad_() for _ in range(3))
-    grad_out = torch.randn(2, 3, 24, 8)
-    mask = segment_mask(torch.tensor([[0] * 10 + [1] * 14, [0] * 24])) if packed else None
-    expected_out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-    expected = torch.autograd.grad(expected_out, (q, k, v), grad_out)
-    out = _CpuAttention.apply(q, k, v, mask)
-    got = torch.autograd.grad(out, (q, k, v), grad_out)
-    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

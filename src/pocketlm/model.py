@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from pocketlm.config import CHECKPOINTING_CHOICES, ModelConfig
+from pocketlm.cpu_kernels import CpuAttention, Dropout, gelu_tanh, in_compiled_cpu_training
 from pocketlm.losses import IGNORE_INDEX, fused_linear_cross_entropy
 
 
@@ -82,44 +83,6 @@ def embed_tokens(idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.embedding(idx, weight)
 
 
-class _CpuAttention(torch.autograd.Function):
-    """Causal (optionally block-diagonal) attention for compiled CPU training: PyTorch's CPU
-    flash kernel forward, and a backward written as batched matrix products that
-    ``torch.compile`` fuses around. The CPU flash backward runs at a fraction of the bf16
-    GEMM speed (36 ms vs 24 ms per gpt2-125m layer and micro-batch, benchmarks/throughput.py).
-    ``mask``: (B, 1, T, T) bool, True where a query may attend, or None for plain causal."""
-
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,  # type: ignore[override]
-                mask: torch.Tensor | None) -> torch.Tensor:
-        scale = q.size(-1) ** -0.5
-        T = q.size(-2)
-        if mask is None:
-            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[None, None]  # (1, 1, T, T)
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)[:2]
-        else:
-            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, 0.0, False, attn_mask=bias, scale=scale)[:2]
-        ctx.save_for_backward(q, k, v, mask, out, lse)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        q, k, v, mask, out, lse = ctx.saved_tensors
-        scale = ctx.scale
-        scores = torch.matmul(q, k.transpose(-1, -2)).float()  # (B, nh, T, T)
-        probs = torch.where(mask, (scores * scale - lse.unsqueeze(-1)).exp(), 0.0)  # softmax, recomputed
-        grad_v = torch.matmul(probs.to(q.dtype).transpose(-1, -2), grad_out)  # (B, nh, T, hs)
-        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2)).float()  # (B, nh, T, T)
-        row_dot = (grad_out.float() * out.float()).sum(-1, keepdim=True)  # (B, nh, T, 1)
-        grad_scores = (probs * (grad_probs - row_dot) * scale).to(q.dtype)
-        grad_q = torch.matmul(grad_scores, k)
-        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
-        return grad_q, grad_k, grad_v, None
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -127,7 +90,7 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
         self.attn_dropout = config.attn_dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
@@ -144,9 +107,8 @@ class CausalSelfAttention(nn.Module):
             v_store[:, :, start:start + T] = v
             k, v = k_store[:, :, :start + T], v_store[:, :, :start + T]  # (B, nh, start+T, hs)
             is_causal = mask is None and start == 0 and T > 1
-        if (torch.compiler.is_compiling() and x.device.type == "cpu" and self.training and cache is None
-                and not self.attn_dropout):
-            y = _CpuAttention.apply(q, k, v, mask)  # (B, nh, T, hs)
+        if in_compiled_cpu_training(x, self.training) and cache is None and not self.attn_dropout:
+            y = CpuAttention.apply(q, k, v, mask)  # (B, nh, T, hs)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal,
@@ -160,11 +122,11 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # tanh GELU is GPT-2's "gelu_new"; exact parity with HF weights depends on it.
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -238,7 +200,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
+            drop=Dropout(config.dropout),
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps),
         ))
