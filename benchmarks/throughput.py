@@ -33,6 +33,7 @@ import dataclasses
 import datetime as dt
 import inspect
 import json
+import math
 import os
 import statistics
 import sys
@@ -157,7 +158,7 @@ def make_row(name: str, args: argparse.Namespace, device: torch.device) -> Row:
                       "gpt2" if name.endswith("_gpt2_dropouts") else "pocketlm")
     precision = {"pocketlm_eager_bf16": "bf16", "pocketlm_fp32": "fp32"}.get(name, "auto")
     cfg = workload_config(args, device, precision=precision, **shape)
-    compiled = name in ("pocketlm", "pocketlm_mb16") and train_mod.should_compile(cfg, device, total_steps=10 ** 6)
+    compiled = name in ("pocketlm", "pocketlm_mb16") and train_mod.should_compile(cfg, device, float("inf"))
     return pocketlm_row(name, cfg, device, compiled)
 
 
@@ -329,8 +330,9 @@ def merge(micro: list[MicroBatch]) -> MicroBatch:
                       cat("position_ids"), cat("segment_ids"), sum(m.real_tokens for m in micro))
 
 
-def summarise(rows: dict[str, dict[str, Any]], fpt: float, peaks: dict[str, Any]) -> dict[str, Any]:
-    """MFU of each row, the ratios, compile cost and break-even."""
+def summarise(rows: dict[str, dict[str, Any]], fpt: float, peaks: dict[str, Any],
+              tokens_per_step: int) -> dict[str, Any]:
+    """MFU of each row, the ratios, compile cost and break-even (and where auto-compile starts)."""
     for row in rows.values():
         row["mfu"] = round(row["tokens_per_s"] * fpt / peaks["bf16_flops"], 4)
         if peaks.get("datasheet_bf16_flops"):
@@ -348,11 +350,14 @@ def summarise(rows: dict[str, dict[str, Any]], fpt: float, peaks: dict[str, Any]
     if comp and eager and comp["compiled"] and comp["precision"] == eager["precision"]:
         extra = comp["first_steps_extra_s"] - eager["first_steps_extra_s"]
         saved = eager["median_step_s"] - comp["median_step_s"]
+        step_at_peak = train_mod.work_seconds_at_peak(1, tokens_per_step, fpt, peaks["bf16_flops"])
+        auto_compile_min_steps = math.ceil(train_mod.COMPILE_MIN_PEAK_SECONDS / step_at_peak)
         compile_cost = {"compiled_first_steps_extra_s": comp["first_steps_extra_s"],
                         "eager_first_steps_extra_s": eager["first_steps_extra_s"],
                         "compile_cost_s": round(extra, 2), "saved_per_step_s": round(saved, 4),
                         "break_even_steps": round(extra / saved, 1) if saved > 0 else None,
-                        "auto_compile_min_steps": train_mod.COMPILE_MIN_STEPS}
+                        "auto_compile_min_peak_s": train_mod.COMPILE_MIN_PEAK_SECONDS,
+                        "auto_compile_min_steps": auto_compile_min_steps}
     return {"ratios": ratios, "compile": compile_cost}
 
 
@@ -427,8 +432,9 @@ def docs_section(r: dict[str, Any]) -> str:
                   f"{c['compiled_first_steps_extra_s']:.1f} s more than as many steady steps (eager: "
                   f"{c['eager_first_steps_extra_s']:.1f} s), so compiling cost {c['compile_cost_s']:.1f} s and "
                   f"saved {c['saved_per_step_s']:.2f} s per step: {be} (auto-compile starts at "
-                  f"{c['auto_compile_min_steps']} steps). The compile cache was {w['compile_cache']}; compiled and "
-                  "eager steps draw different dropout masks, so their losses differ slightly."]
+                  f"{c['auto_compile_min_steps']} steps of this workload: "
+                  f"{c['auto_compile_min_peak_s']:.0f} s of model FLOPs at the measured peak). The compile cache "
+                  f"was {w['compile_cache']}; compiled and eager steps draw different dropout masks, so their losses differ slightly."]
     t = r["targets"]
     lines += ["", f"Targets: pocketlm at least {TARGET_VS_HF:.0f}x HF under bf16 autocast on a CPU, same run: "
               f"against HF with GPT-2's stock dropouts ({_x(r['ratios']['pocketlm_vs_hf_bf16_gpt2_dropouts'])}) "
@@ -514,8 +520,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         measured = run_rows(rows, batches, args, device, say)
     model_cfg: ModelConfig = cfg.model_config()
     fpt = perf.flops_per_token(model_cfg, args.seq_len)
-    summary = summarise(measured, fpt, peaks)
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
+    summary = summarise(measured, fpt, peaks, tokens_per_step)
     floor["mfu_ceiling"] = round(tokens_per_step * fpt / floor["total_s"] / peaks["bf16_flops"], 4)
     floor["tokens_per_s_ceiling"] = round(tokens_per_step / floor["total_s"], 1)
     result = {

@@ -12,7 +12,7 @@ import torch
 from pocketlm.config import PRESETS, ModelConfig, build_train_config
 from pocketlm.perf import (flops_per_token, keep_freed_memory_for_reuse, known_peak_flops,
                            measure_matmul_peak, throughput)
-from pocketlm.train import COMPILE_MIN_STEPS, should_compile, train
+from pocketlm.train import COMPILE_MIN_PEAK_SECONDS, should_compile, train, work_seconds_at_peak
 
 
 def test_flops_per_token_counts_every_matmul_weight_and_attention():
@@ -47,14 +47,29 @@ def test_allocator_setting_takes_on_glibc():
     assert keep_freed_memory_for_reuse() is True
 
 
-def test_auto_compile_only_for_long_runs_on_cpu_and_cuda():
+def test_auto_compile_only_when_the_run_repays_compiling():
     cfg = build_train_config(None, preset="tiny")
     cpu, mps = torch.device("cpu"), torch.device("mps")
-    assert should_compile(cfg, cpu, COMPILE_MIN_STEPS)
-    assert not should_compile(cfg, cpu, COMPILE_MIN_STEPS - 1)
-    assert not should_compile(cfg, mps, 10 * COMPILE_MIN_STEPS)
-    assert not should_compile(build_train_config(None, preset="tiny", compile=False), cpu, 10 ** 6)
-    assert should_compile(build_train_config(None, preset="tiny", compile=True), cpu, 1)
+    assert should_compile(cfg, cpu, COMPILE_MIN_PEAK_SECONDS)
+    assert not should_compile(cfg, cpu, COMPILE_MIN_PEAK_SECONDS - 1)
+    assert not should_compile(cfg, cpu, None)  # no peak known
+    assert not should_compile(cfg, mps, 10 * COMPILE_MIN_PEAK_SECONDS)
+    assert not should_compile(build_train_config(None, preset="tiny", compile=False), cpu, 1e9)
+    assert should_compile(build_train_config(None, preset="tiny", compile=True), cpu, 0.0)
+
+
+def test_work_at_peak_separates_the_presets_as_measured():
+    """At this CPU's ~2.5 TFLOP/s bf16 peak: gpt2-125m's seed workload compiles from a couple of
+    dozen steps (it repays compiling after 10-16), the README's 200-step tiny run does not (it
+    would need ~1,750 steps), the same tiny preset trained for 3,000 steps does."""
+    peak = 2.5e12
+    gpt2 = flops_per_token(PRESETS["gpt2-125m"], 512)
+    tiny = flops_per_token(PRESETS["tiny"], 128)
+    assert work_seconds_at_peak(24, 8192, gpt2, peak) >= COMPILE_MIN_PEAK_SECONDS
+    assert work_seconds_at_peak(10, 8192, gpt2, peak) < COMPILE_MIN_PEAK_SECONDS
+    assert work_seconds_at_peak(200, 2048, tiny, peak) < COMPILE_MIN_PEAK_SECONDS
+    assert work_seconds_at_peak(3000, 2048, tiny, peak) >= COMPILE_MIN_PEAK_SECONDS
+    assert work_seconds_at_peak(10, 8192, gpt2, None) is None
 
 
 def _curve(corpus_file, tmp_path, name, **overrides):

@@ -55,7 +55,7 @@ def train_command(
     full_checkpoint_blocks: Optional[int] = typer.Option(None, help="Blocks recomputed fully on top of selective checkpointing (default 2)."),
     vram: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4GB (auto on CUDA: free memory): fit micro-batch and checkpointing to it."),
     low_memory: Optional[bool] = typer.Option(None, "--low-memory", help="bf16 gradients and AdamW moments, full checkpointing: about 1.4 GiB for gpt2-125m."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the transformer blocks (default: on for CPU/CUDA runs of 50+ steps)."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the transformer blocks (default: on for CPU/CUDA runs long enough to repay compiling)."),
 ) -> None:
     """Train (or resume) a model."""
     from pocketlm.config import build_train_config

@@ -142,8 +142,8 @@ class TrainConfig:
     more compute)."""
     compile: bool | None = None
     """Compile the transformer blocks with ``torch.compile``. None (auto): on for CPU and CUDA
-    runs of at least ``COMPILE_MIN_STEPS`` optimizer steps, where the speed-up outweighs the
-    compile time (see docs/benchmarks.md), off otherwise."""
+    runs long enough for the speed-up to outweigh the compile time (``train.should_compile``:
+    at least a minute of model FLOPs at the device's matmul peak), off otherwise."""
 
     def __post_init__(self) -> None:
         self.validate()

@@ -72,18 +72,29 @@ class Progress:
     micro_splits: int = 0  # out-of-memory halvings so far: each micro-batch runs as 2**k pieces
 
 
-# Auto-compile only on runs this long: on a 2-core CPU compiling gpt2-125m costs about 25 s and
-# saves about 2.5 s per step, so it pays after about 10 steps (benchmarks/throughput.py); the
-# margin covers bucket batching, whose first steps compile more shapes.
-COMPILE_MIN_STEPS = 50
+# Auto-compile only for runs with at least this many seconds of work at the device's matmul peak
+# (steps x tokens per step x model FLOPs per token / peak). Measured on the 2-core CPU with bucket
+# batching (one recompile for a second shape): gpt2-125m repays ~36 s of compiling after 10-16
+# steps of 2.6 s each at peak (~41 s), the tiny preset repays ~70 s only after ~1,750 steps of
+# 0.033 s (~58 s); docs/benchmarks.md, Throughput. A step count alone cannot serve both.
+COMPILE_MIN_PEAK_SECONDS = 60.0
 
 
-def should_compile(cfg: TrainConfig, device: torch.device, total_steps: int) -> bool:
-    """``--compile`` / ``--no-compile`` as given; auto: on CPU and CUDA for runs of at least
-    ``COMPILE_MIN_STEPS`` steps (MPS support in torch.compile is still partial)."""
+def work_seconds_at_peak(total_steps: int, tokens_per_step: int, flops_per_tok: float,
+                         peak_flops: float | None) -> float | None:
+    """How long the run's model FLOPs would take at the device's matmul peak; None if unknown."""
+    if not peak_flops:
+        return None
+    return total_steps * tokens_per_step * flops_per_tok / peak_flops
+
+
+def should_compile(cfg: TrainConfig, device: torch.device, work_at_peak_s: float | None) -> bool:
+    """``--compile`` / ``--no-compile`` as given; auto: on CPU and CUDA when the run holds at least
+    ``COMPILE_MIN_PEAK_SECONDS`` of work at peak (MPS support in torch.compile is still partial)."""
     if cfg.compile is not None:
         return cfg.compile
-    return device.type in ("cpu", "cuda") and total_steps >= COMPILE_MIN_STEPS
+    return (device.type in ("cpu", "cuda") and work_at_peak_s is not None
+            and work_at_peak_s >= COMPILE_MIN_PEAK_SECONDS)
 
 
 def device_peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]:
@@ -311,14 +322,16 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
                                           model_cfg.block_size, cfg.seed, 0))
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    compiled = should_compile(cfg, device, total_steps)
+    peak_flops, peak_source = device_peak_flops(device, precision)
+    train_flops_per_token = flops_per_token(model_cfg, model_cfg.block_size)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size  # at most
+    compiled = should_compile(cfg, device, work_seconds_at_peak(total_steps, tokens_per_step,
+                                                                train_flops_per_token, peak_flops))
     reuses_memory = device.type == "cpu" and keep_freed_memory_for_reuse()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, device, compiled=compiled)
     optimizer = build_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    peak_flops, peak_source = device_peak_flops(device, precision)
-    train_flops_per_token = flops_per_token(model_cfg, model_cfg.block_size)
     schedule = CosineSchedule(cfg.lr, total_steps, min(cfg.warmup_steps, total_steps // 10), cfg.min_lr_ratio)
     progress = Progress()
 
