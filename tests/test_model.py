@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pocketlm.config import PRESETS, ModelConfig
-from pocketlm.model import GPT, IGNORE_INDEX, decay_groups, segment_mask, token_nll_sum
+from pocketlm.model import GPT, IGNORE_INDEX, decay_groups, token_nll_sum
 
 # Small enough that every forward pass takes milliseconds on a CPU.
 SMALL = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=32, vocab_size=101, dropout=0.0)
