@@ -1,17 +1,16 @@
 """Kernels for compiled training on a CPU, where ``torch.compile``'s defaults are slow.
 
 Each one is used only inside a CPU ``torch.compile`` graph in training (see ``in_compiled_cpu_training``);
-eager code and GPUs keep PyTorch's own ops. Profiles behind each choice: docs/benchmarks.md, Throughput.
+eager code and GPUs keep PyTorch's own ops. ``benchmarks/cpu_kernels.py`` times each against the
+op it replaces (docs/benchmarks.md, CPU kernels).
 
-* ``Dropout``: inductor draws every CPU random number with a scalar Philox call, 5.7 ms for one
-  4 x 512 x 768 mask, and draws each mask twice (forward, and again in backward rather than
-  storing it): about a tenth of a gpt2-125m training step. An integer hash of the element index
-  under a per-call random seed vectorises to 0.9 ms and is just as replayable.
+* ``Dropout``: inductor draws every CPU random number with a scalar Philox call, and draws each
+  mask twice (forward, and again in backward rather than storing it). An integer hash of the
+  element index under a per-call random seed vectorises and is just as replayable.
 * ``gelu_tanh``: GPT-2's tanh GELU as ``x * sigmoid(2u)``, the same function (0.5 (1 + tanh u)
-  = sigmoid(2u)); a vectorised exp is cheaper than a vectorised tanh, and forward + backward on
-  gpt2-125m's 4 x 512 x 3072 MLP activation drop from 13.3 ms to 6.2 ms.
+  = sigmoid(2u)); a vectorised exp is cheaper than a vectorised tanh.
 * ``CpuAttention``: the CPU flash kernel's backward runs well below the bf16 GEMM speed; written
-  as batched matrix products, compile fuses the softmax gradient around them.
+  as batched matrix products over bands of queries, compile fuses the softmax gradient around them.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 _GELU_TANH_SCALE = math.sqrt(2.0 / math.pi)
-BACKWARD_QUERY_CHUNKS = 4  # 4, 6 and 8 bands: 16, 20 and 21 ms (see CpuAttention)
+BACKWARD_QUERY_CHUNKS = 4  # the fastest of 1, 2, 4 and 8 at gpt2-125m's shapes (benchmarks/cpu_kernels.py)
 _LOW32 = 0xFFFF_FFFF
 # Odd multipliers below 2**31, so that a 32-bit value times one stays inside int64 (no overflow).
 _MIX_MULTIPLIERS = (0x7FEB_352D, 0x5BD1_E995)
@@ -54,16 +53,15 @@ def hashed_keep_mask(shape: torch.Size | tuple[int, ...], seed: torch.Tensor, p:
     """Bool mask, each element kept with probability 1 - p, a pure function of ``seed`` (int64
     scalar tensor) and the element's flat index. Hashing the index before adding the seed makes
     masks of different seeds unrelated rather than shifted copies of each other."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    index = torch.arange(numel, device=seed.device, dtype=torch.int64).view(shape)
+    index = torch.arange(math.prod(shape), device=seed.device, dtype=torch.int64).view(shape)
     bits = _mix32((_mix32(index) + seed) & _LOW32)
     return bits >= round(p * 2 ** 32)
 
 
 def hashed_dropout(x: torch.Tensor, p: float, seed: torch.Tensor | None = None) -> torch.Tensor:
     """Inverted dropout with a ``hashed_keep_mask``; a fresh seed from torch's generator per call."""
+    if p >= 1.0:
+        return torch.zeros_like(x)
     if seed is None:
         seed = torch.randint(0, 2 ** 32, (), device=x.device)
     keep = hashed_keep_mask(x.shape, seed, p)
@@ -83,9 +81,8 @@ class CpuAttention(torch.autograd.Function):
     """Causal (optionally block-diagonal) attention for compiled CPU training: PyTorch's CPU
     flash kernel forward, and a backward written as batched matrix products that
     ``torch.compile`` fuses around. The backward walks ``BACKWARD_QUERY_CHUNKS`` bands of
-    queries, each against only the keys it can see, so the causal upper triangle is never
-    computed and each band's (T/4 x T) scores stay small: 16 ms against 41 ms for one
-    whole-matrix pass, and 36 ms for the CPU flash backward, per gpt2-125m layer and micro-batch.
+    queries, each against only the keys it can see, so most of the causal upper triangle is
+    never computed and each band's scores stay small enough to stay in cache.
     ``mask``: (B, 1, T, T) bool, True where a query may attend, or None for plain causal."""
 
     @staticmethod
