@@ -59,7 +59,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, TextIO
+from typing import Callable, Iterable, Mapping, Sequence, TextIO
 
 import numpy as np
 import torch
@@ -425,9 +425,10 @@ class Generator:
         gens = [rows[i].generator for i in active] if temperature > 0 else None
         return sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gens)
 
-    def _record(self, rows: list[_Row], active: list[int], next_ids: list[int], max_new_tokens: int,
-                t0: float, stream: StreamCallback | None, eot: int | None) -> list[bool]:
-        """Append each row's new token; returns which rows finished."""
+    def _record(self, rows: Sequence[_Row] | Mapping[int, _Row], active: list[int], next_ids: list[int],
+                max_new_tokens: int, t0: float, stream: StreamCallback | None, eot: int | None) -> list[bool]:
+        """Append each row's new token (``rows`` indexed by the caller's row numbers); returns which
+        rows finished."""
         done = []
         now = time.perf_counter()
         for i, tok in zip(active, next_ids):
@@ -503,7 +504,7 @@ class Generator:
 
         def emit(tokens: list[int]) -> bool:
             for tok in tokens:
-                if self._record(rows, [index], [tok], max_new_tokens, t0, stream, eot)[0]:  # type: ignore[arg-type]
+                if self._record(rows, [index], [tok], max_new_tokens, t0, stream, eot)[0]:
                     return True
             return False
 
