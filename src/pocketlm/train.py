@@ -325,6 +325,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
     peak_flops, peak_source = device_peak_flops(device, precision)
     train_flops_per_token = flops_per_token(model_cfg, model_cfg.block_size)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size  # at most
+    # The whole run's work, not what is left of it: a resumed run must take the same (compiled or
+    # eager) path as the uninterrupted one to stay bit-identical with it.
     compiled = should_compile(cfg, device, work_seconds_at_peak(total_steps, tokens_per_step,
                                                                 train_flops_per_token, peak_flops))
     reuses_memory = device.type == "cpu" and keep_freed_memory_for_reuse()
