@@ -49,11 +49,14 @@ def test_dropout_scales_the_kept_values():
     assert not torch.equal(hashed_dropout(x, 0.25), hashed_dropout(x, 0.25))  # fresh seed per call
 
 
-def test_compiled_mask_equals_eager():
-    """The hash's int64 arithmetic as inductor generates it (vectorised, with a scalar tail)."""
-    compiled = torch.compile(hashed_keep_mask, dynamic=False)
-    for seed in (0, 1, 2 ** 32 - 1, 987_654_321):
-        torch.testing.assert_close(compiled((3, 1001), _seed(seed), 0.1), hashed_keep_mask((3, 1001), _seed(seed), 0.1))
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_mask_equals_eager(dynamic):
+    """The hash's int64 arithmetic as inductor generates it (vectorised, with a scalar tail), also
+    with symbolic sizes as bucket batching's varying lengths compile."""
+    compiled = torch.compile(hashed_keep_mask, dynamic=dynamic)
+    for shape in ((3, 1001), (2, 77)):
+        for seed in (0, 1, 2 ** 32 - 1, 987_654_321):
+            torch.testing.assert_close(compiled(shape, _seed(seed), 0.1), hashed_keep_mask(shape, _seed(seed), 0.1))
 
 
 class _Scaled(nn.Module):
@@ -120,3 +123,16 @@ def test_cpu_attention_backward_matches_sdpa(packed, T, compiled):
     torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_attention_compiles_for_symbolic_lengths():
+    """Bucket batching gives every length its own shape: the banded backward, compiled once with
+    a symbolic length, must stay exact at lengths that do not divide into bands evenly."""
+    attention = torch.compile(CpuAttention.apply, dynamic=True)
+    for T in (24, 13):
+        q, k, v = (torch.randn(1, 2, T, 8).requires_grad_() for _ in range(3))
+        grad_out = torch.randn(1, 2, T, 8)
+        expected = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), grad_out)
+        got = torch.autograd.grad(attention(q, k, v, None), (q, k, v), grad_out)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
