@@ -73,10 +73,11 @@ class Progress:
 
 
 # Auto-compile only for runs with at least this many seconds of work at the device's matmul peak
-# (steps x tokens per step x model FLOPs per token / peak). Measured on the 2-core CPU with bucket
-# batching (one recompile for a second shape): gpt2-125m repays ~36 s of compiling after 10-16
-# steps of 2.6 s each at peak (~41 s), the tiny preset repays ~70 s only after ~1,750 steps of
-# 0.033 s (~58 s); docs/benchmarks.md, Throughput. A step count alone cannot serve both.
+# (steps x tokens per step x model FLOPs per token / peak). Measured on the 2-core CPU: gpt2-125m
+# compiles in ~35 s and saves ~3.6 s per step, and bucket batching's second shape recompiles with
+# symbolic sizes in ~50 s more, so it breaks even after 10-24 steps of 2.6 s each at peak (~26-62 s);
+# the tiny preset repays its ~70 s only after ~1,750 steps of 0.033 s (~58 s). See
+# docs/benchmarks.md, Throughput. A step count alone cannot serve both.
 COMPILE_MIN_PEAK_SECONDS = 60.0
 
 
