@@ -1,5 +1,5 @@
-"""Helpers the benchmark scripts share: what machine this is, the exact command, and rewriting
-one section of docs/benchmarks.md (each script owns one section)."""
+"""Helpers the benchmark scripts share: what machine this is, the exact command, best-of-N
+timing, and rewriting one section of docs/benchmarks.md (each script owns one section)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import platform
 import shlex
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,29 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def best_seconds(*fns: Callable[[], Any], repeats: int, warmup: int = 1, device: Any = None) -> float:
+    """Best time of ``repeats`` rounds of calling every ``fn`` in turn, after ``warmup`` untimed
+    rounds (oneDNN's first calls, compilation). On a CUDA ``device`` each round is synchronised."""
+    import torch
+
+    def sync() -> None:
+        if device is not None and torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        for fn in fns:
+            fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def machine_line(threads: int) -> str:

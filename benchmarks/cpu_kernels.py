@@ -20,7 +20,6 @@ import argparse
 import datetime as dt
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,23 +28,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, exact_command, machine_info, machine_line, update_docs
+from _common import DOCS, best_seconds, exact_command, machine_info, machine_line, update_docs
 from pocketlm import cpu_kernels
 from pocketlm.cpu_kernels import CpuAttention, gelu_tanh, hashed_dropout
 
 SECTION = "## CPU kernels"
-
-
-def best_ms(fn: Callable[[], Any], repeats: int) -> float:
-    """Best of ``repeats`` calls after two warm-up calls (compilation happens there)."""
-    fn()
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
 
 
 def forward_backward(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> Callable[[], None]:
@@ -100,7 +87,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     results: dict[str, dict[str, Any]] = {}
     for name, variants in pairs.items():
-        ms = {variant: round(best_ms(fn, args.repeats), 3) for variant, fn in variants.items()}
+        # two warm-up calls: the first compiles the forward, autograd's backward compiles on its first use
+        ms = {variant: round(best_seconds(fn, repeats=args.repeats, warmup=2) * 1e3, 3)
+              for variant, fn in variants.items()}
         reference = next(iter(ms))
         results[name] = {"ms": ms, "speedup_vs_" + reference: round(ms[reference] / ms["pocketlm"], 2)}
     return {"benchmark": "cpu_kernels", "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -27,9 +27,10 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py beside this script
-from _common import cpu_model, update_docs
+from _common import best_seconds, cpu_model, update_docs
 from pocketlm.config import PRESETS
-from pocketlm.generate import DEFAULT_PROMPT_LOOKUP, LOOKUP_PROBE, Generator, lookup_draft, next_guess_count
+from pocketlm.generate import (DEFAULT_PROMPT_LOOKUP, LOOKUP_PROBE, Generator, agreed_prefix, lookup_draft,
+                               next_guess_count)
 from pocketlm.hf import to_hf_model
 from pocketlm.model import GPT
 from pocketlm.tokenizer import gpt2_tokenizer
@@ -56,13 +57,7 @@ def matvec_floor(model: GPT, repeats: int = 5) -> float:
     weight once, which any batch-1 fp32 decoder must do per token. Best of ``repeats``."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {m.in_features: torch.randn(1, m.in_features) for m in linears}
-    best = float("inf")
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        for m in linears:
-            m(inputs[m.in_features])
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_seconds(*(lambda m=m: m(inputs[m.in_features]) for m in linears), repeats=repeats)
 
 
 def lookup_on_real_text(tokens: list[int], context: int, new_tokens: int, max_guesses: int,
@@ -80,9 +75,7 @@ def lookup_on_real_text(tokens: list[int], context: int, new_tokens: int, max_gu
         guesses = next_guess_count(0, 0, max_guesses)
         while done < len(seq):
             draft = lookup_draft(seq[:done], min(guesses, len(seq) - done - 1))
-            agreed = 0
-            while agreed < len(draft) and draft[agreed] == seq[done + agreed]:
-                agreed += 1
+            agreed = agreed_prefix(draft, seq[done:])
             guesses = next_guess_count(len(draft), agreed, max_guesses)
             done += agreed + 1  # the confirmed guesses and the model's own next token
             n += 1

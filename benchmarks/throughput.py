@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py beside this script
-from _common import DOCS, exact_command, hf_dropouts, machine_info, machine_line, update_docs
+from _common import DOCS, best_seconds, exact_command, hf_dropouts, machine_info, machine_line, update_docs
 from pocketlm import perf
 from pocketlm import train as train_mod
 from pocketlm.batching import MicroBatch, collate, epoch_batches
@@ -162,21 +162,6 @@ def make_row(name: str, args: argparse.Namespace, device: torch.device) -> Row:
     return pocketlm_row(name, cfg, device, compiled)
 
 
-def _best_seconds(*fns: Callable[[], Any], repeats: int = 3) -> float:
-    """Best time of ``repeats`` rounds of calling every ``fn``, after one round to warm up (oneDNN, compile)."""
-    best = float("inf")
-    for _ in range(repeats + 1):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for fn in fns:
-            fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def kernel_floor(model_cfg: ModelConfig, batch_size: int, seq_len: int, grad_accum: int, device: torch.device,
                  repeats: int = 3) -> dict[str, Any]:
     """Seconds per optimizer step spent in the step's matrix products and attention alone, at
@@ -202,13 +187,14 @@ def kernel_floor(model_cfg: ModelConfig, batch_size: int, seq_len: int, grad_acc
     if device.type == "cpu":
         banded = torch.compile(CpuAttention.apply)
         candidates["pocketlm_cpu_attention"] = lambda: banded(q, k, v, None).backward(grad_out)
-    candidate_s = {name: _best_seconds(fn) for name, fn in candidates.items()}
+    candidate_s = {name: best_seconds(fn, repeats=repeats, device=device) for name, fn in candidates.items()}
     attention_kernel = min(candidate_s, key=candidate_s.__getitem__)
 
-    parts = {"block_gemms": [gemms(i, o) for i, o in shapes], "output_layer_gemms": [gemms(c, model_cfg.vocab_size)],
-             "attention": [candidates[attention_kernel]]}
-    counts = {"block_gemms": model_cfg.n_layer, "output_layer_gemms": 1, "attention": model_cfg.n_layer}
-    seconds = {name: _best_seconds(*fns, repeats=repeats) * counts[name] * grad_accum for name, fns in parts.items()}
+    per_step = {"block_gemms": best_seconds(*(gemms(i, o) for i, o in shapes), repeats=repeats, device=device)
+                * model_cfg.n_layer,
+                "output_layer_gemms": best_seconds(gemms(c, model_cfg.vocab_size), repeats=repeats, device=device),
+                "attention": candidate_s[attention_kernel] * model_cfg.n_layer}
+    seconds = {name: t * grad_accum for name, t in per_step.items()}
     return {"seconds_per_step": {k: round(v, 3) for k, v in seconds.items()},
             "total_s": round(sum(seconds.values()), 3), "attention_kernel": attention_kernel,
             "attention_candidates_s_per_layer": {name: round(t, 4) for name, t in candidate_s.items()}}

@@ -202,6 +202,14 @@ def next_guess_count(proposed: int, accepted: int, max_guesses: int) -> int:
     return min(LOOKUP_PROBE, max_guesses)
 
 
+def agreed_prefix(draft: Sequence[int], actual: Sequence[int]) -> int:
+    """How many leading guesses of ``draft`` match ``actual`` (the model's tokens, or the text)."""
+    agreed = 0
+    while agreed < len(draft) and draft[agreed] == actual[agreed]:
+        agreed += 1
+    return agreed
+
+
 def lookup_draft(context: Sequence[int], max_tokens: int, max_ngram: int = 3) -> list[int]:
     """Up to ``max_tokens`` tokens that followed the most recent earlier occurrence of the
     context's last ``n`` tokens (longest ``n`` <= ``max_ngram`` first); [] when nothing matches.
@@ -528,9 +536,7 @@ class Generator:
             ids = torch.tensor([[pending, *draft]], device=self.device)
             hidden = self.model.hidden_states(ids, kv_cache=cache)  # (1, 1 + len(draft), C)
             predicted = self.model.lm_head(hidden[0]).argmax(dim=-1).tolist()  # the model's token after each
-            accepted = 0
-            while accepted < len(draft) and draft[accepted] == predicted[accepted]:
-                accepted += 1
+            accepted = agreed_prefix(draft, predicted)
             cache.length = start + 1 + accepted  # forget the keys of the rejected guesses
             guesses = next_guess_count(len(draft), accepted, num_draft)
             pending = predicted[accepted]
