@@ -65,13 +65,25 @@ def test_round_trip_odd_text(tokenizer: Tokenizer, text: str) -> None:
 
 # Arbitrary Unicode, with whitespace, digits and emoji over-represented (GPT-2's pre-tokenizer
 # regex treats them specially).
-_chars = st.one_of(st.characters(), st.sampled_from(list(" \t\r\n\x0b\x0c\u00a0\u3000'0123456789🙂é<|>")))
+# Lone surrogates are not text (no UTF-8 encoding): they get a DataError, tested below.
+_chars = st.one_of(st.characters(blacklist_categories=("Cs",)),
+                   st.sampled_from(list(" \t\r\n\x0b\x0c\u00a0\u3000'0123456789🙂é<|>")))
 
 
 @given(st.text(alphabet=_chars, max_size=200).filter(lambda s: EOT not in s))
 def test_round_trip_property(text: str) -> None:
     tok = gpt2_tokenizer()
     assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.parametrize("text", ["\ud800", "ok \udcff then"])
+def test_text_that_is_not_unicode_gets_a_one_line_error(text: str) -> None:
+    """Undecodable bytes in a command-line prompt reach Python as lone surrogates."""
+    tok = gpt2_tokenizer()
+    with pytest.raises(DataError, match="not valid Unicode"):
+        tok.encode(text)
+    with pytest.raises(DataError, match="not valid Unicode"):
+        tok.encode_batch(["fine", text])
 
 
 def test_identity_is_stable(tokenizer: Tokenizer) -> None:

@@ -29,6 +29,18 @@ GPT2_FILE_SHA256 = {
 }
 
 
+def _refuse_unencodable(texts: Sequence[str]) -> None:
+    """A one-line ``DataError`` for text that is not valid Unicode: lone surrogates, which is
+    what Python makes of undecodable bytes in command-line arguments. The Rust backend only
+    says ``TypeError``."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise DataError(f"text is not valid Unicode (undecodable byte or lone surrogate "
+                            f"{text[err.start]!r} at character {err.start})") from None
+
+
 class Tokenizer:
     """Text <-> token ids. ``identity`` names the exact vocabulary, for caches and checkpoints."""
 
@@ -43,11 +55,19 @@ class Tokenizer:
         self.identity = f"{name}:{hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]}"
 
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text).ids
+        try:
+            return self.backend.encode(text).ids
+        except TypeError:
+            _refuse_unencodable([text])
+            raise
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts at once; the Rust backend spreads them over all cores."""
-        return [e.ids for e in self.backend.encode_batch(list(texts))]
+        try:
+            return [e.ids for e in self.backend.encode_batch(list(texts))]
+        except TypeError:
+            _refuse_unencodable(texts)
+            raise
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
