@@ -15,7 +15,7 @@ def _args(argv: list[str]) -> list[str]:
                           for a in argv)
     if asks_for_prompt:
         return argv
-    from pocketlm.generate import DEFAULT_PROMPT
+    from pocketlm.console import DEFAULT_PROMPT
 
     return [*argv, "--prompt", DEFAULT_PROMPT]
 

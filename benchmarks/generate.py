@@ -1,11 +1,18 @@
-"""Generation speed: pocketlm (prompt lookup, one token per pass, no cache) vs Hugging Face ``generate``.
+"""Generation speed: pocketlm (prompt lookup, one token per pass, ``--no-cache``) vs Hugging Face ``generate``.
 
-gpt2-125m with random (seeded) weights, the very same weights copied into
-``transformers.GPT2LMHeadModel`` (via ``pocketlm.hf``), fp32 on the CPU, batch 1, greedy,
-exactly ``--new-tokens`` new tokens after a fixed 16-token prompt. Each cached/HF timing is the
-best of ``--repeats`` runs after one warm-up run, the two interleaved so that background load
-hits both alike; decoding without the cache is slow and runs once. Prints one JSON object;
-``--update-docs`` also writes the "## Generation" section of docs/benchmarks.md.
+``--preset`` (gpt2-125m) with random (seeded) weights, the very same weights copied into
+``transformers.GPT2LMHeadModel`` (``pocketlm.hf``), fp32 on the CPU, batch 1, greedy, exactly
+``--new-tokens`` new tokens after a fixed 16-token prompt. Each timing is the best of ``--repeats``
+runs after one warm-up run, the decoders taking turns so background load hits all alike; decoding
+without the cache (``Generator(recompute=True)``, what ``pocketlm generate --no-cache`` runs) is
+slow and runs once.
+
+At batch 1 a pass reads every fp32 weight, so one token per pass is bound by memory bandwidth:
+the "ceiling" times every Linear on a single token (the weight reads alone). Prompt lookup checks
+guessed tokens in the same pass. With random weights greedy output soon loops, which lookup
+predicts best; so the script also replays the decoder's guessing policy (``lookup.PromptLookup``)
+on stretches of real text (``--text``) and prices each pass at this machine's measured pass times:
+an estimate of the gain on text that repeats itself as little as WikiText does.
 
     python benchmarks/generate.py --update-docs
 """
@@ -13,94 +20,80 @@ hits both alike; decoding without the cache is slow and runs once. Prints one JS
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-
-from typing import Callable
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py beside this script
-from _common import best_seconds, cpu_model, update_docs
+from _common import WIKI_VALID, Stopwatch, Table, Target, add_common_options, best_seconds, judge, \
+    render_section, script_main, steps_in_turns
+
 from pocketlm.config import PRESETS
-from pocketlm.generate import (DEFAULT_PROMPT_LOOKUP, LOOKUP_PROBE, Generator, agreed_prefix, lookup_draft,
-                               next_guess_count)
+from pocketlm.generate import Generator
 from pocketlm.hf import to_hf_model
+from pocketlm.lookup import DEFAULT_PROMPT_LOOKUP, LOOKUP_PROBE, PromptLookup, agreed_prefix
 from pocketlm.model import GPT
 from pocketlm.tokenizer import gpt2_tokenizer
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DOCS = REPO_ROOT / "docs" / "benchmarks.md"
 SECTION = "## Generation"
 PROMPT = "The history of the city begins in the early Middle Ages, when a fishing village"  # 16 tokens
-
-
-
-
-def timed(fn) -> tuple[float, float, object]:
-    """Wall seconds, this process's CPU share of its threads over that time, and the result."""
-    c0, t0 = time.process_time(), time.perf_counter()
-    result = fn()
-    wall = time.perf_counter() - t0
-    return wall, (time.process_time() - c0) / (wall * torch.get_num_threads()), result
+TARGETS = {"ratio_vs_hf": Target("pocketlm's default decoder at least 1.5x Hugging Face `generate`", 1.5,
+                                 fmt="{:.2f}x"),
+           "real_text_ratio_vs_hf": Target("the same on text like WikiText's (estimated from the replay)", 1.5,
+                                           fmt="{:.2f}x")}
 
 
 @torch.inference_mode()
 def matvec_floor(model: GPT, repeats: int = 5) -> float:
-    """Seconds for one pass of every Linear of the model on a single token: reading each fp32
-    weight once, which any batch-1 fp32 decoder must do per token. Best of ``repeats``."""
+    """Seconds for one pass of every Linear on a single token: each fp32 weight read once."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {m.in_features: torch.randn(1, m.in_features) for m in linears}
     return best_seconds(*(lambda m=m: m(inputs[m.in_features]) for m in linears), repeats=repeats)
 
 
+@torch.inference_mode()
+def pass_seconds(model: GPT, n_tokens: int, cached: int = 272, repeats: int = 5) -> float:
+    """Best time of one cached pass over ``n_tokens`` new tokens (output layer on all of them, as
+    prompt lookup needs) after ``cached`` tokens in the cache."""
+    cached = min(cached, model.config.block_size - n_tokens)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        cache = model.new_kv_cache(1, cached + n_tokens)
+        model.hidden_states(torch.randint(0, model.config.vocab_size, (1, cached)), kv_cache=cache)
+        t0 = time.perf_counter()
+        model.lm_head(model.hidden_states(torch.randint(0, model.config.vocab_size, (1, n_tokens)), kv_cache=cache))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def lookup_on_real_text(tokens: list[int], context: int, new_tokens: int, max_guesses: int,
-                        pass_cost: Callable[[int], float], spans: int = 20) -> dict:
-    """What prompt lookup would do if a model's greedy output were real text: for ``spans``
-    stretches of WikiText, each ``new_tokens`` long after ``context`` tokens of the same text,
-    run the decoder's guessing policy (``lookup_draft``, ``next_guess_count``) against the text
-    and add up the measured cost of each pass (``pass_cost(tokens in the pass)``). No model
-    involved: it measures how often real text repeats itself, priced at this machine's rates."""
+                        pass_cost: Callable[[int], float], spans: int = 20) -> dict[str, Any]:
+    """Had a model written ``spans`` stretches of real text (``new_tokens`` after ``context`` of the
+    same text) greedily, how many passes the decoder's proposer would need, priced per pass."""
     step = max(1, (len(tokens) - context - new_tokens) // spans)
     passes, seconds = [], []
     for start in range(0, step * spans, step):
         seq = tokens[start:start + context + new_tokens]
         done, n, t = context, 0, 0.0
-        guesses = next_guess_count(0, 0, max_guesses)
+        lookup = PromptLookup(max_guesses)
         while done < len(seq):
-            draft = lookup_draft(seq[:done], min(guesses, len(seq) - done - 1))
+            draft = lookup.propose(seq[:done], len(seq) - done - 1)
             agreed = agreed_prefix(draft, seq[done:])
-            guesses = next_guess_count(len(draft), agreed, max_guesses)
+            lookup.accept(agreed)
             done += agreed + 1  # the confirmed guesses and the model's own next token
             n += 1
             t += pass_cost(1 + len(draft))
         passes.append(n)
         seconds.append(t)
-    one_token = pass_cost(1) * new_tokens
     return {"spans": spans, "context_tokens": context, "new_tokens": new_tokens,
             "mean_passes": round(statistics.mean(passes), 1),
             "tokens_per_pass": round(new_tokens / statistics.mean(passes), 2),
-            "speed_vs_one_token_per_pass": round(one_token / statistics.mean(seconds), 3)}
-
-
-@torch.inference_mode()
-def pass_seconds(model: GPT, n_tokens: int, cached: int = 272, repeats: int = 5) -> float:
-    """Best time of one cached decoding pass over ``n_tokens`` new tokens (output layer on all of
-    them, as prompt lookup needs) after ``cached`` tokens in the cache."""
-    best = float("inf")
-    for _ in range(repeats + 1):
-        cache = model.new_kv_cache(1, cached + n_tokens)
-        model.hidden_states(torch.randint(0, 50257, (1, cached)), kv_cache=cache)
-        t0 = time.perf_counter()
-        model.lm_head(model.hidden_states(torch.randint(0, 50257, (1, n_tokens)), kv_cache=cache))
-        best = min(best, time.perf_counter() - t0)
-    return best
+            "speed_vs_one_token_per_pass": round(pass_cost(1) * new_tokens / statistics.mean(seconds), 3)}
 
 
 class PassCounter:
@@ -110,59 +103,57 @@ class PassCounter:
         self.calls, self._inner = 0, model.hidden_states
         model.hidden_states = self  # type: ignore[method-assign]
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.calls += 1
         return self._inner(*args, **kwargs)
 
 
-def run(args: argparse.Namespace) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    clock = Stopwatch("generate")
     tokenizer = gpt2_tokenizer()
     torch.manual_seed(args.seed)
-    model = GPT(PRESETS["gpt2-125m"]).eval()
+    model = GPT(PRESETS[args.preset]).eval()
     hf = to_hf_model(model)
-    gen = Generator(model, tokenizer, "cpu", "fp32")
+    cached, recompute = (Generator(model, tokenizer, "cpu", "fp32", recompute=r) for r in (False, True))
     prompt_ids = torch.tensor([tokenizer.encode(PROMPT)])
     n = args.new_tokens
-
     passes = PassCounter(model)
 
-    def ours(use_cache: bool = True, lookup: int = DEFAULT_PROMPT_LOOKUP):
-        return gen.generate(PROMPT, max_new_tokens=n, temperature=0, use_cache=use_cache, stop_at_eot=False,
-                            prompt_lookup=lookup)[0]
+    def ours(lookup: int = DEFAULT_PROMPT_LOOKUP, generator: Generator = cached) -> list[int]:
+        sample = generator.generate(PROMPT, max_new_tokens=n, temperature=0, stop_tokens=(), prompt_lookup=lookup)[0]
+        return sample.token_ids
 
     @torch.inference_mode()
-    def theirs(lookup: int | None = None):
+    def theirs(lookup: int | None = None) -> list[int]:
         extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
-        return hf.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=False,
-                           max_new_tokens=n, min_new_tokens=n, use_cache=True, pad_token_id=tokenizer.eot_id, **extra)
+        out = hf.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=False, max_new_tokens=n,
+                          min_new_tokens=n, use_cache=True, pad_token_id=tokenizer.eot_id, **extra)
+        return out[0, prompt_ids.size(1):].tolist()
 
     decoders = {"pocketlm": ours, "pocketlm_one_token_per_pass": lambda: ours(lookup=0), "hf": theirs,
                 "hf_prompt_lookup": lambda: theirs(DEFAULT_PROMPT_LOOKUP)}
-    load_before = os.getloadavg()[0]
-    for fn in decoders.values():  # warm-up
-        fn()
-    best = {name: float("inf") for name in decoders}
-    shares: dict[str, list[float]] = {name: [] for name in decoders}
-    outputs: dict[str, list[int]] = {}
-    for _ in range(args.repeats):  # interleaved, so that outside load falls on all alike
-        for name, fn in decoders.items():
+    forward_passes: dict[str, int] = {}
+
+    def counted(name: str) -> Callable[[int], list[int]]:
+        def decode(_: int) -> list[int]:
             passes.calls = 0
-            t, share, out = timed(fn)
-            best[name] = min(best[name], t)
-            shares[name].append(share)
-            outputs[name] = (out.token_ids if hasattr(out, "token_ids") else out[0, prompt_ids.size(1):].tolist())
-            if name.startswith("pocketlm"):
-                outputs[name + "_passes"] = passes.calls  # type: ignore[assignment]
-    sample = outputs["pocketlm"]
-    t_floor = matvec_floor(model)
-    t_plain, plain = None, None
+            tokens = decoders[name]()
+            forward_passes[name] = passes.calls
+            return tokens
+        return decode
+
+    clock.say(f"{len(decoders)} decoders, {n} tokens, best of {args.repeats} after a warm-up, taking turns")
+    log = steps_in_turns({name: counted(name) for name in decoders}, rounds=1 + args.repeats, warmup=1,
+                         seed=args.seed)
+    best = {name: min(entry["step_s"]) for name, entry in log.items()}
+    outputs = {name: entry["outputs"][-1] for name, entry in log.items()}
+    uncached_s = uncached = None
     if not args.skip_uncached:
-        t_plain, _, plain = timed(lambda: ours(use_cache=False))
-    t_ours, t_hf, t_one, t_hf_lookup = (best[k] for k in ("pocketlm", "hf", "pocketlm_one_token_per_pass",
-                                                          "hf_prompt_lookup"))
-    first_repeat = next((i for i in range(1, len(sample)) if sample[i] in sample[:i]), None)
+        clock.say("pocketlm without the cache (once)")
+        t0 = time.perf_counter()
+        uncached = ours(generator=recompute)
+        uncached_s = time.perf_counter() - t0
+    clock.say("pass times and the replay on real text")
     pass_times: dict[int, float] = {}
 
     def pass_cost(tokens: int) -> float:
@@ -177,137 +168,84 @@ def run(args: argparse.Namespace) -> dict:
         real_text = lookup_on_real_text(tokenizer.encode(args.text.read_text(encoding="utf-8")), context=256,
                                         new_tokens=n, max_guesses=DEFAULT_PROMPT_LOOKUP, pass_cost=pass_cost)
         real_text["source"] = args.text.name
-    result = {
-        "model": "gpt2-125m (random init, seed %d), %s parameters" % (args.seed, f"{model.num_parameters():,}"),
-        "prompt_tokens": prompt_ids.size(1),
-        "new_tokens": n,
-        "batch_size": 1,
-        "precision": "fp32",
-        "prompt_lookup_tokens": DEFAULT_PROMPT_LOOKUP,
-        "lookup_probe": LOOKUP_PROBE,
-        "pocketlm_tokens_per_s": round(n / t_ours, 2),
-        "pocketlm_one_token_per_pass_tokens_per_s": round(n / t_one, 2),
-        "pocketlm_uncached_tokens_per_s": round(n / t_plain, 2) if t_plain else None,
-        "hf_generate_tokens_per_s": round(n / t_hf, 2),
-        "hf_generate_prompt_lookup_tokens_per_s": round(n / t_hf_lookup, 2),
-        "ratio_vs_hf": round(t_hf / t_ours, 3),
-        "ratio_one_token_per_pass_vs_hf": round(t_hf / t_one, 3),
-        "ratio_vs_hf_prompt_lookup": round(t_hf_lookup / t_ours, 3),
-        "ratio_cached_vs_uncached": round(t_plain / t_one, 2) if t_plain else None,
-        "pocketlm_forward_passes": outputs["pocketlm_passes"],
-        "pocketlm_one_token_per_pass_forward_passes": outputs["pocketlm_one_token_per_pass_passes"],
-        "first_repeated_token_at": first_repeat,
-        "lookup_on_real_text": real_text,
-        "pass_seconds_by_tokens": {k: round(v, 4) for k, v in sorted(pass_times.items())},
-        "distinct_tokens_in_output": len(set(sample)),
-        "fp32_matvec_ceiling_tokens_per_s": round(1 / t_floor, 2),
-        "greedy_tokens_match_hf": sample == outputs["hf"],
-        "all_decoders_same_tokens": all(outputs[k] == sample for k in decoders),
-        "uncached_tokens_match_cached": (plain.token_ids == sample) if plain else None,
-        "repeats": args.repeats,
-        "torch_threads": torch.get_num_threads(),
-        "load_average_before": round(load_before, 2),
-        "load_average_after": round(os.getloadavg()[0], 2),
-        "cpu_share_cached": round(min(shares["pocketlm"]), 2),
-        "cpu_share_hf": round(min(shares["hf"]), 2),
-        "cpu": cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-        "python": platform.python_version(),
-        "date": dt.date.today().isoformat(),
-    }
-    return result
+    sample = outputs["pocketlm"]
+    tokens_per_s = {name: round(n / t, 2) for name, t in best.items()}
+    ratios = {"ratio_vs_hf": round(best["hf"] / best["pocketlm"], 3),
+              "ratio_one_token_per_pass_vs_hf": round(best["hf"] / best["pocketlm_one_token_per_pass"], 3),
+              "ratio_vs_hf_prompt_lookup": round(best["hf_prompt_lookup"] / best["pocketlm"], 3),
+              "ratio_cached_vs_uncached": round(uncached_s / best["pocketlm_one_token_per_pass"], 2)
+              if uncached_s else None}
+    real_ratio = (round(real_text["speed_vs_one_token_per_pass"] * ratios["ratio_one_token_per_pass_vs_hf"], 3)
+                  if real_text else None)
+    return clock.envelope(
+        __file__, argv, "cpu", model=f"{args.preset} (random init, seed {args.seed}), {model.num_parameters():,} "
+                                     "parameters",
+        prompt_tokens=prompt_ids.size(1), new_tokens=n, batch_size=1, precision="fp32", repeats=args.repeats,
+        prompt_lookup_tokens=DEFAULT_PROMPT_LOOKUP, lookup_probe=LOOKUP_PROBE, tokens_per_s=tokens_per_s,
+        uncached_tokens_per_s=round(n / uncached_s, 2) if uncached_s else None, **ratios,
+        forward_passes={k: v for k, v in forward_passes.items() if k.startswith("pocketlm")},
+        cpu_share={name: round(min(c / (s * torch.get_num_threads()) for c, s in zip(e["cpu_s"], e["step_s"])), 2)
+                   for name, e in log.items()},
+        fp32_matvec_ceiling_tokens_per_s=round(1 / matvec_floor(model), 2),
+        pass_seconds_by_tokens={k: round(v, 4) for k, v in sorted(pass_times.items())},
+        first_repeated_token_at=next((i for i in range(1, len(sample)) if sample[i] in sample[:i]), None),
+        distinct_tokens_in_output=len(set(sample)), greedy_tokens_match_hf=sample == outputs["hf"],
+        all_decoders_same_tokens=all(out == sample for out in outputs.values()),
+        uncached_tokens_match_cached=uncached == sample if uncached is not None else None,
+        lookup_on_real_text=real_text,
+        targets=judge(TARGETS, {"ratio_vs_hf": ratios["ratio_vs_hf"], "real_text_ratio_vs_hf": real_ratio}))
 
 
-def real_text_note(r: dict) -> str:
-    t = r.get("lookup_on_real_text")
-    if not t:
-        return ""
-    times = r["pass_seconds_by_tokens"]
-    costs = ", ".join(f"{k} tokens {1000 * v:.0f} ms" for k, v in times.items())
-    return (f"\n- A pass costs more the more tokens it holds (measured: {costs}), so the decoder guesses "
-            f"{r['lookup_probe']} tokens until a pass confirms all its guesses, then up to {r['prompt_lookup_tokens']}."
-            f"\n- On real text the guesses are right far less often: had a model written {t['spans']} stretches of "
-            f"{t['source']} ({t['new_tokens']} tokens after {t['context_tokens']} of context) greedily, the same policy "
-            f"would have needed {t['mean_passes']} passes on average ({t['tokens_per_pass']} tokens per pass, against "
-            f"{r['new_tokens'] / r['pocketlm_forward_passes']:.1f} here), priced at the pass times above "
-            f"{t['speed_vs_one_token_per_pass']:.2f}x the one-token decoder, about "
-            f"{t['speed_vs_one_token_per_pass'] * r['ratio_one_token_per_pass_vs_hf']:.2f}x Hugging Face: "
-            "**below the 1.5x target** on text like WikiText's.")
+def docs_section(r: dict[str, Any]) -> str:
+    n, k, ceiling = r["new_tokens"], r["prompt_lookup_tokens"], r["fp32_matvec_ceiling_tokens_per_s"]
+    tps = {name: f"{rate:.2f}" for name, rate in r["tokens_per_s"].items()}
+    uncached = f"{r['uncached_tokens_per_s']:.2f}" if r["uncached_tokens_per_s"] else "not run"
+    rows = [[f"**pocketlm** (default: KV cache + prompt lookup, up to {k} guesses per pass)", tps["pocketlm"],
+             r["forward_passes"]["pocketlm"]],
+            ["pocketlm, KV cache, one token per pass (`--prompt-lookup 0`)", tps["pocketlm_one_token_per_pass"],
+             r["forward_passes"]["pocketlm_one_token_per_pass"]],
+            ["pocketlm, no cache (`--no-cache`: full recomputation each step)", uncached, n],
+            ["Hugging Face `generate`", tps["hf"], n],
+            [f"Hugging Face `generate(prompt_lookup_num_tokens={k})`", tps["hf_prompt_lookup"], ""],
+            ["ceiling of one token per pass: the fp32 weight reads alone", f"{ceiling:.2f}", ""]]
+    notes = [f"Same tokens from every decoder: {str(r['all_decoders_same_tokens']).lower()} (pocketlm and Hugging "
+             f"Face: {str(r['greedy_tokens_match_hf']).lower()}). One token per pass pocketlm runs at "
+             f"{r['ratio_one_token_per_pass_vs_hf']:.2f}x Hugging Face and "
+             f"{r['tokens_per_s']['pocketlm_one_token_per_pass'] / ceiling:.0%} of the weight-read ceiling; with "
+             "prompt lookup at "
+             f"{r['ratio_vs_hf']:.2f}x, and {r['ratio_vs_hf_prompt_lookup']:.2f}x Hugging Face's own prompt lookup.",
+             f"Read with care: with random weights greedy output loops (first repeated token at position "
+             f"{r['first_repeated_token_at']}, {r['distinct_tokens_in_output']} distinct tokens in {n}), which "
+             "lookup predicts best. Pass times by tokens in the pass: "
+             + ", ".join(f"{t} {1000 * s:.0f} ms" for t, s in r["pass_seconds_by_tokens"].items()) + "."]
+    t = r["lookup_on_real_text"]
+    if t:
+        notes.append(f"Replayed on {t['spans']} stretches of {t['source']} ({t['new_tokens']} tokens after "
+                     f"{t['context_tokens']} of context), the same guessing policy needs {t['mean_passes']} passes "
+                     f"({t['tokens_per_pass']} tokens per pass): {t['speed_vs_one_token_per_pass']:.2f}x the "
+                     "one-token decoder at the measured pass times (the second target's estimate).")
+    summary = (f"Greedy decoding of {n} new tokens after a {r['prompt_tokens']}-token prompt, batch 1, fp32, on "
+               f"{r['model']}; Hugging Face `GPT2LMHeadModel.generate` runs on the very same weights. Best of "
+               f"{r['repeats']} runs after a warm-up, the decoders taking turns; the no-cache run is a single one.")
+    method = ("tokens/s is new tokens over the best wall time; the ceiling times every Linear on one token. "
+              "See `benchmarks/generate.py`.")
+    return render_section(r, SECTION, summary, [Table(["decoder", "tokens/s", "forward passes"], rows)], notes, method)
 
 
-def docs_section(r: dict, command: str) -> str:
-    uncached = (f"{r['pocketlm_uncached_tokens_per_s']:.2f}" if r["pocketlm_uncached_tokens_per_s"] else "not run")
-    ceiling = r["fp32_matvec_ceiling_tokens_per_s"]
-    n, k = r["new_tokens"], r["prompt_lookup_tokens"]
-    met = "**met**" if r["ratio_vs_hf"] >= 1.5 else "**not met**"
-    threads_note = (" One torch thread: with another job busy on the second core, two threads were several times "
-                    "slower than one for both decoders (OpenMP threads wait on each other)."
-                    if r["torch_threads"] == 1 else "")
-    return f"""{SECTION}
-
-Greedy decoding of {n} new tokens after a {r['prompt_tokens']}-token prompt, batch 1, fp32, on
-{r['model']}; Hugging Face `GPT2LMHeadModel.generate` (`do_sample=False, use_cache=True`,
-`min_new_tokens` = `max_new_tokens`) runs on the very same weights, converted with `pocketlm.hf`.
-Best of {r['repeats']} runs after a warm-up, the decoders taking turns; the no-cache run is a single one.
-
-| decoder | tokens/s | forward passes |
-|---|---:|---:|
-| **pocketlm** (default: KV cache + prompt lookup, up to {k} guesses per pass) | {r['pocketlm_tokens_per_s']:.2f} | {r['pocketlm_forward_passes']} |
-| pocketlm, KV cache, one token per pass (`--prompt-lookup 0`) | {r['pocketlm_one_token_per_pass_tokens_per_s']:.2f} | {r['pocketlm_one_token_per_pass_forward_passes']} |
-| pocketlm, no cache (full recomputation each step) | {uncached} | {n} |
-| Hugging Face `generate` | {r['hf_generate_tokens_per_s']:.2f} | {n} |
-| Hugging Face `generate(prompt_lookup_num_tokens={k})` | {r['hf_generate_prompt_lookup_tokens_per_s']:.2f} | |
-| ceiling of one token per pass: the fp32 weight reads alone | {ceiling:.2f} | |
-
-- Target (at least 1.5x Hugging Face `generate`): {met}: pocketlm's default decoder runs at
-  **{r['ratio_vs_hf']:.2f}x** Hugging Face, with the same tokens (all decoders produced the same {n}
-  tokens: {str(r['all_decoders_same_tokens']).lower()}; same as Hugging Face: {str(r['greedy_tokens_match_hf']).lower()}).
-- Where that comes from: at batch 1 a pass reads every fp32 weight, so one token per pass is bound by
-  memory bandwidth: pocketlm's one-token decoder is {r['ratio_one_token_per_pass_vs_hf']:.2f}x Hugging Face and runs at
-  {100 * r['pocketlm_one_token_per_pass_tokens_per_s'] / ceiling:.0f}% of the {ceiling:.1f} tokens/s at which the
-  products alone read the weights (Hugging Face: {100 * r['hf_generate_tokens_per_s'] / ceiling:.0f}%). Prompt lookup
-  instead checks guessed tokens in the same pass ({n} tokens in {r['pocketlm_forward_passes']} passes here).
-- Read this with care: with **random weights** greedy output soon loops (first repeated token at
-  position {r['first_repeated_token_at']}, {r['distinct_tokens_in_output']} distinct tokens in {n}), and loops are what
-  lookup predicts best. A trained model's gain depends on how much its text repeats itself (often a lot for
-  small models decoding greedily, little for varied text); it never changes the tokens, and a wrong guess
-  costs a little (see the pass times below). Hugging Face's own
-  prompt lookup gets the same kind of gain: pocketlm is {r['ratio_vs_hf_prompt_lookup']:.2f}x that.{real_text_note(r)}
-- Without the cache pocketlm is {r['ratio_cached_vs_uncached']}x slower than the one-token cached decoder.
-- Machine: {r['cpu']}, {r['cpu_cores']} cores, {r['torch_threads']} torch thread(s); torch {r['torch']},
-  transformers {r['transformers']}, Python {r['python']}; {r['date']}. 1-minute load average
-  {r['load_average_before']} before and {r['load_average_after']} after the run; this process got at least
-  {r['cpu_share_cached']:.0%} (pocketlm) and {r['cpu_share_hf']:.0%} (Hugging Face) of its threads' CPU time in
-  the timed runs.{threads_note}
-- Command: `{command}`
-
-Raw result:
-
-```json
-{json.dumps(r, indent=2)}
-```
-"""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="gpt2-125m")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each (best is kept)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-uncached", action="store_true", help="leave out the slow no-cache run")
+    p.add_argument("--text", type=Path, default=WIKI_VALID, help="real text for the lookup replay")
+    add_common_options(p, SECTION)
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (best is kept)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-uncached", action="store_true", help="leave out the slow no-cache run")
-    parser.add_argument("--text", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.valid.raw",
-                        help="real text on which to measure how often lookup guesses would be right")
-    parser.add_argument("--update-docs", action="store_true", help=f"write the '{SECTION}' section of {DOCS}")
-    args = parser.parse_args(argv)
-    result = run(args)
-    print(json.dumps(result, indent=2))
-    if args.update_docs:
-        command = "python benchmarks/generate.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        update_docs(docs_section(result, command.strip()), SECTION)
-    return 0
+    return script_main(argv, parse_args, run, SECTION, docs_section)
 
 
 if __name__ == "__main__":

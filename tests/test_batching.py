@@ -16,7 +16,8 @@ from pocketlm.batching import (SCHEDULES, Batch, MicroBatch, PaddingStats, bucke
                                epoch_batches, pack_batches, padded_length, random_batches)
 from pocketlm.config import ModelConfig
 from pocketlm.data import ExampleSet, TokenStream, make_examples
-from pocketlm.model import GPT, IGNORE_INDEX, token_nll_sum
+from pocketlm.losses import IGNORE_INDEX, token_nll_sum
+from pocketlm.model import GPT
 
 KINDS = sorted(SCHEDULES)
 PAD_ID = 0

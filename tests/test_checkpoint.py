@@ -10,7 +10,7 @@ import torch
 
 from pocketlm import checkpoint as ckpt_mod
 from pocketlm.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, load_model,
-                                 save_checkpoint)
+                                 save_checkpoint, weights_state_dict)
 from pocketlm.config import ModelConfig
 from pocketlm.errors import CheckpointError
 from pocketlm.model import GPT
@@ -22,7 +22,7 @@ CFG = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, dropout=0.0)
 def save(out_dir, step, model=None, keep=None, state=None):
     model = model or GPT(CFG)
     config = {"model": CFG.__dict__, "train": {"seed": 1}}
-    return save_checkpoint(out_dir, step, model, gpt2_tokenizer(), config,
+    return save_checkpoint(out_dir, step, weights_state_dict(model), gpt2_tokenizer(), config,
                            state or {"progress": {"step": step}, "rng": {"torch": torch.get_rng_state()}}, keep=keep)
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pocketlm import model as model_mod
 from pocketlm.checkpoint import latest_checkpoint
 from pocketlm.cli import main
+from pocketlm.losses import NextTokenLoss
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--preset", "tiny", "--batch-size", "2", "--grad-accum", "2", "--precision", "fp32", "--device", "cpu",
@@ -108,9 +108,9 @@ def test_yaml_sets_fields_and_flags_override(capsys, tmp_path, corpus_file, smal
                              "--out-dir", tmp_path / "run", "--lr", "0.001")
     assert code == 0, err
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["train"]["max_steps"] == 1  # from YAML
-    assert saved["train"]["lr"] == 0.001  # flag beats YAML
-    assert saved["train"]["seed"] == 3  # flag beats YAML
+    assert saved["train"]["optim"]["max_steps"] == 1  # from YAML
+    assert saved["train"]["optim"]["lr"] == 0.001  # flag beats YAML
+    assert saved["train"]["run"]["seed"] == 3  # flag beats YAML
     assert saved["model"]["n_layer"] == 1 and saved["model"]["n_embd"] == 64
     assert "done: step 1" in out
 
@@ -122,8 +122,8 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoints(capsys, tmp_path, co
     assert code == 0, err
     before = tree_digest(run / "checkpoints")
 
-    real = model_mod.GPT.nll_sum
-    monkeypatch.setattr(model_mod.GPT, "nll_sum", lambda self, *a, **k: real(self, *a, **k) * float("nan"))
+    real = NextTokenLoss.forward
+    monkeypatch.setattr(NextTokenLoss, "forward", lambda self, *a, **k: real(self, *a, **k) * float("nan"))
     # a longer run in a new dir, resumed from the good checkpoint, hits NaN at its first step
     code, _, err = run_cli(capsys, *args, "--max-steps", "4", "--out-dir", tmp_path / "run2",
                            "--resume", run)
@@ -136,8 +136,9 @@ def test_checkpoint_from_another_model_gets_one_line(capsys, tmp_path, corpus_fi
     code, _, err = run_cli(capsys, "train", *SMALL, "--config", small_yaml, "--data", corpus_file,
                            "--out-dir", tmp_path / "small", "--max-steps", "1")
     assert code == 0, err
+    # the checkpoint's model is taken by a resume; a flag that contradicts it is refused
     code, _, err = run_cli(capsys, "train", *SMALL, "--data", corpus_file, "--out-dir", tmp_path / "other",
-                           "--max-steps", "1", "--resume", tmp_path / "small")
+                           "--max-steps", "1", "--resume", tmp_path / "small", "--n-layer", "2")
     assert_one_line_error(code, err, "different model")
 
 
@@ -237,3 +238,79 @@ def test_smoke_tiny_preset_on_wikitext_loss_falls(tmp_path, wiki_valid_path):
                          str(wiki_valid_path)], env=env, capture_output=True, text=True, timeout=300)
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout.strip().splitlines()[-1])["loss"] == pytest.approx(evals[-1], rel=0.05)
+
+
+# --------------------------------------------------------------------------------------------
+# The first hour of a new user
+
+
+def test_unreachable_hub_fails_within_seconds_in_one_line(capsys, tmp_path, monkeypatch):
+    """No offline variables set, the Hub's endpoint refusing connections: the trainer must not sit
+    through the Hub client's retries, and must print only its own line."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    started = time.perf_counter()
+    code, _, err = run_cli(capsys, "train", *SMALL, "--out-dir", tmp_path / "run")
+    assert time.perf_counter() - started < 5
+    assert_one_line_error(code, err, "Hub is out of reach", "--data PATH")
+    assert err.strip().count("\n") == 0  # nothing else on stderr
+    assert constants.HF_HUB_OFFLINE is False and "HF_HUB_OFFLINE" not in os.environ  # restored
+
+
+def test_hub_probe_follows_the_endpoint(monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    from pocketlm.data import hub_reachable
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert hub_reachable(timeout=2)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert not hub_reachable(timeout=2)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert not hub_reachable(timeout=2)
+
+
+def test_version_and_python_dash_m(capsys):
+    from pocketlm import __version__
+
+    assert run_cli(capsys, "--version")[:2] == (0, f"pocketlm {__version__}\n")
+    proc = subprocess.run([sys.executable, "-m", "pocketlm", "train", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "--grad-accum" in proc.stdout and "--min-lr-ratio" in proc.stdout
+
+
+def test_every_config_field_has_a_flag_with_its_help():
+    import dataclasses
+
+    from pocketlm.cli import train_parameters
+    from pocketlm.config import SECTIONS, ModelConfig, field_docs
+
+    params = {p.name: p for p in train_parameters()}
+    for cls in [*SECTIONS.values(), ModelConfig]:
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert f.name in params, f.name
+            help_text = params[f.name].default.help
+            assert docs[f.name].split()[0] in help_text, (f.name, help_text)
+
+
+def test_plan_on_a_cpu_only_machine_plans_for_the_cpu(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, _ = run_cli(capsys, "plan", "--preset", "tiny")
+    assert code == 0 and out.startswith("tiny on cpu, ")
+    assert json.loads(out.strip().splitlines()[-1])["device"] == "cpu"
+    code, out, _ = run_cli(capsys, "plan", "--preset", "tiny", "--device", "cuda", "--precision", "fp16")
+    assert code == 0 and out.startswith("tiny on cuda, ") and ", fp16, " in out.splitlines()[0]

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pocketlm.cpu_kernels import CpuAttention, Dropout, gelu_tanh, hashed_dropout, hashed_keep_mask
-from pocketlm.model import BLOCK_RUNNERS, segment_mask
+from pocketlm.model import segment_mask
+from pocketlm.parallelize import BLOCK_RUNNERS
 
 
 def _seed(value: int) -> torch.Tensor:

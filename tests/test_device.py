@@ -47,9 +47,17 @@ def test_explicit_precision_wins_and_is_checked():
         resolve_precision("int4", torch.device("cpu"))
 
 
-def test_this_machines_flags_are_read():
-    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
-    assert device_mod.cpu_has_native_bf16() == any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu sse2 avx2 avx512f", False),  # AVX-512 without its bf16 extension
+    ("fpu avx512f avx512_bf16", True),
+    ("fpu amx_bf16 amx_tile", True),
+    ("fpu amx_tile", False),  # tiles alone do not multiply bf16
+])
+def test_native_bf16_is_read_from_the_first_cpus_flags(flags, expected):
+    cpuinfo = (f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\n"
+               "processor\t: 1\nflags\t\t: amx_bf16\n")  # only the first CPU's line counts
+    assert device_mod.native_bf16_in(cpuinfo) is expected
+    assert device_mod.native_bf16_in("processor\t: 0\n") is False  # no flags line at all
 
 
 def test_autocast_bf16_on_cpu_runs_matmuls_in_bf16():

@@ -1,5 +1,6 @@
-"""Generation: KV cache vs full recomputation, sampling filters, seeds, long and batched prompts,
-streaming, and the ``pocketlm generate`` command."""
+"""Generation: the cached engine vs full recomputation (tests/reference.py), the batch state, prompt
+lookup, sampling filters, seeds, long and batched prompts, stop tokens, streaming, and the
+``pocketlm generate`` command."""
 
 from __future__ import annotations
 
@@ -18,9 +19,12 @@ from hypothesis import strategies as st
 from pocketlm.cli import main
 from pocketlm.config import ModelConfig
 from pocketlm.errors import ConfigError
-from pocketlm.generate import (Generator, OrderedPrinter, StreamDecoder, apply_repetition_penalty,
-                               filter_logits, lookup_draft, mark_seen, next_guess_count, read_prompt_file, sample_next, sample_seed)
+from pocketlm.console import OrderedPrinter, read_prompt_file
+from pocketlm.generate import BatchState, Generator, StreamDecoder
+from pocketlm.lookup import LOOKUP_PROBE, PromptLookup, lookup_draft, next_guess_count
 from pocketlm.model import GPT
+from pocketlm.sampling import apply_repetition_penalty, filter_logits, mark_seen, sample_next, sample_seed
+from reference import reference_generate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # GPT-2's vocabulary (so real text and multi-byte characters go through the real tokenizer) on a
@@ -56,17 +60,38 @@ def gen(model: GPT, tokenizer) -> Generator:
 
 
 class LogitRecorder:
-    """Wraps ``Generator._last_logits`` to keep the logits of every step."""
+    """Wraps ``Generator._last_logits`` to keep the logits of every step's last position, (B, V)."""
 
     def __init__(self, gen: Generator) -> None:
         self.steps: list[torch.Tensor] = []
         self._inner = gen._last_logits
         gen._last_logits = self  # type: ignore[method-assign]
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = self._inner(hidden)
-        self.steps.append(out.clone())
+    def __call__(self, hidden: torch.Tensor, n: int = 1) -> torch.Tensor:
+        out = self._inner(hidden, n)  # (B, n, V)
+        self.steps.append(out[:, -1].clone())
         return out
+
+
+class PassCounter:
+    """Counts the model's forward passes (prefills and decoding steps); ``passes`` holds each
+    one's (tokens fed, tokens already in the cache)."""
+
+    def __init__(self, model: GPT) -> None:
+        self.calls = 0
+        self.passes: list[tuple[int, int | None]] = []
+        self._inner = model.hidden_states
+        model.hidden_states = self  # type: ignore[method-assign]
+        self.model = model
+
+    def __call__(self, idx: torch.Tensor, **kwargs):
+        self.calls += 1
+        cache = kwargs.get("kv_cache")
+        self.passes.append((idx.size(1), None if cache is None else cache.length))
+        return self._inner(idx, **kwargs)
+
+    def restore(self) -> None:
+        del self.model.hidden_states
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,15 +101,18 @@ class LogitRecorder:
 def test_greedy_with_cache_matches_full_recompute_tokens_and_logits(model: GPT, tokenizer) -> None:
     prompt = "The history of the city"
     n_new = CONFIG.block_size - len(tokenizer.encode(prompt))  # fills the context exactly: no sliding
-    cached_gen, plain_gen = Generator(model, tokenizer, "cpu"), Generator(model, tokenizer, "cpu")
-    cached_rec, plain_rec = LogitRecorder(cached_gen), LogitRecorder(plain_gen)
-    cached = cached_gen.generate(prompt, max_new_tokens=n_new, temperature=0, use_cache=True, prompt_lookup=0)[0]
-    plain = plain_gen.generate(prompt, max_new_tokens=n_new, temperature=0, use_cache=False)[0]
+    cached_gen, recompute_gen = Generator(model, tokenizer, "cpu"), Generator(model, tokenizer, "cpu", recompute=True)
+    cached_rec, recompute_rec = LogitRecorder(cached_gen), LogitRecorder(recompute_gen)
+    plain_steps: list[torch.Tensor] = []
+    cached = cached_gen.generate(prompt, max_new_tokens=n_new, temperature=0, prompt_lookup=0)[0]
+    plain = reference_generate(model, tokenizer, prompt, max_new_tokens=n_new, step_logits=plain_steps)[0]
+    recomputed = recompute_gen.generate(prompt, max_new_tokens=n_new, temperature=0)[0]
     assert cached.completion_tokens == n_new and cached.finish_reason == "length"
-    assert cached.token_ids == plain.token_ids
-    assert len(cached_rec.steps) == len(plain_rec.steps) == n_new
-    for a, b in zip(cached_rec.steps, plain_rec.steps):
+    assert cached.token_ids == plain.token_ids == recomputed.token_ids
+    assert len(cached_rec.steps) == len(plain_steps) == len(recompute_rec.steps) == n_new
+    for a, b, c in zip(cached_rec.steps, plain_steps, recompute_rec.steps):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+        torch.testing.assert_close(c, b, atol=1e-4, rtol=0)
     # And both agree with one forward pass over the finished sequence.
     full = tokenizer.encode(prompt) + cached.token_ids
     with torch.no_grad():
@@ -93,12 +121,27 @@ def test_greedy_with_cache_matches_full_recompute_tokens_and_logits(model: GPT, 
     assert cached.completion == tokenizer.decode(cached.token_ids)
 
 
-def test_cached_sampling_matches_uncached_sampling(gen: Generator) -> None:
+def test_cached_sampling_matches_uncached_sampling(gen: Generator, model: GPT, tokenizer) -> None:
     kwargs = dict(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9, repetition_penalty=1.3,
                   num_samples=2, seed=5)
     cached = gen.generate(PROMPTS, **kwargs)
-    plain = gen.generate(PROMPTS, use_cache=False, **kwargs)
+    plain = reference_generate(model, tokenizer, PROMPTS, **kwargs)
     assert [s.token_ids for s in cached] == [s.token_ids for s in plain]
+    recomputed = Generator(model, tokenizer, "cpu", recompute=True).generate(PROMPTS, **kwargs)
+    assert [s.token_ids for s in recomputed] == [s.token_ids for s in plain]
+
+
+def test_recompute_starts_a_fresh_cache_at_every_step(model: GPT, tokenizer) -> None:
+    """``--no-cache``: every pass feeds the whole window (at most a context) into an empty cache."""
+    prompt_len, n_new = len(tokenizer.encode(PROMPTS[0])), CONFIG.block_size + 4  # slides past the context
+    counter = PassCounter(model)
+    try:
+        out = Generator(model, tokenizer, "cpu", recompute=True).generate(PROMPTS[0], max_new_tokens=n_new,
+                                                                          temperature=0)[0]
+    finally:
+        counter.restore()
+    assert out.token_ids == reference_generate(model, tokenizer, PROMPTS[0], max_new_tokens=n_new)[0].token_ids
+    assert counter.passes == [(min(prompt_len + step, CONFIG.block_size), 0) for step in range(n_new)]
 
 
 def test_generation_past_the_context_slides_the_window(model: GPT, tokenizer) -> None:
@@ -106,7 +149,7 @@ def test_generation_past_the_context_slides_the_window(model: GPT, tokenizer) ->
     # Re-prefilling a full window at every step is exactly what full recomputation does.
     full_window = Generator(model, tokenizer, "cpu", slide_keep=CONFIG.block_size)
     a = full_window.generate(PROMPTS[:2], max_new_tokens=n_new, temperature=0)
-    b = full_window.generate(PROMPTS[:2], max_new_tokens=n_new, temperature=0, use_cache=False)
+    b = reference_generate(model, tokenizer, PROMPTS[:2], max_new_tokens=n_new)
     assert [s.token_ids for s in a] == [s.token_ids for s in b]
     # The default keeps half a context and refills the cache from there.
     half = Generator(model, tokenizer, "cpu")
@@ -141,21 +184,23 @@ def test_guess_long_only_after_all_guesses_came_true() -> None:
     assert next_guess_count(0, 0, 1) == 1  # never more than asked for
 
 
-class PassCounter:
-    """Counts the model's forward passes (prefills and decoding steps)."""
-
-    def __init__(self, model: GPT) -> None:
-        self.calls = 0
-        self._inner = model.hidden_states
-        model.hidden_states = self  # type: ignore[method-assign]
-        self.model = model
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self._inner(*args, **kwargs)
-
-    def restore(self) -> None:
-        del self.model.hidden_states
+def test_prompt_lookup_proposer_probes_then_goes_long() -> None:
+    context = [1, 2, 3, 4] * 4
+    lookup = PromptLookup(max_guesses=6)
+    assert lookup.propose(context, room=10) == [1, 2] and LOOKUP_PROBE == 2  # probe first
+    lookup.accept(2)  # every guess right: go long
+    assert lookup.propose(context, room=10) == [1, 2, 3, 4, 1, 2]
+    assert lookup.propose(context, room=3) == [1, 2, 3]  # never more than the room left
+    lookup.accept(1)  # one wrong: back to probing
+    assert lookup.propose(context, room=10) == [1, 2]
+    lookup.accept(2)
+    assert lookup.propose([1, 2, 3], room=10) == []  # nothing repeats: nothing to guess
+    lookup.accept(0)
+    assert lookup.propose(context, room=10) == [1, 2]  # an empty proposal does not count as confirmed
+    assert lookup.propose(context, room=0) == []
+    assert PromptLookup(max_guesses=1).propose(context, room=10) == [1]
+    with pytest.raises(ValueError):
+        PromptLookup(max_guesses=0)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -244,7 +289,7 @@ def test_rows_stop_at_end_of_text_independently(model: GPT, tokenizer) -> None:
     eot_tok.eot_id = stop
     gen = Generator(model, eot_tok, "cpu")
     out = gen.generate(PROMPTS, max_new_tokens=12, temperature=0)
-    plain = gen.generate(PROMPTS, max_new_tokens=12, temperature=0, use_cache=False)
+    plain = reference_generate(model, eot_tok, PROMPTS, max_new_tokens=12)
     for before, after, ref in zip(base, out, plain):
         assert after.token_ids == ref.token_ids
         if stop in before.token_ids:
@@ -254,6 +299,62 @@ def test_rows_stop_at_end_of_text_independently(model: GPT, tokenizer) -> None:
             assert after.finish_reason == "length" and after.token_ids == before.token_ids
     assert out[1].completion_tokens == k
     assert len({s.finish_reason for s in out}) == 2  # some rows stopped early, others ran on
+
+
+def test_stop_tokens(model: GPT, tokenizer) -> None:
+    base = Generator(model, tokenizer, "cpu").generate(PROMPTS[2], max_new_tokens=20, temperature=0)[0]
+    stop = base.token_ids[5]
+    first = base.token_ids.index(stop)
+    eot_tok = copy.copy(tokenizer)
+    eot_tok.eot_id = stop  # pretend the model writes <|endoftext|> there
+    gen = Generator(model, eot_tok, "cpu")
+    cut = gen.generate(PROMPTS[2], max_new_tokens=20, temperature=0)[0]
+    assert cut.token_ids == base.token_ids[:first] and cut.finish_reason == "eot"
+    # stop_tokens=() runs every sample to max_new_tokens, through <|endoftext|>, with or without lookup.
+    for lookup in (0, 8):
+        full = gen.generate(PROMPTS[2], max_new_tokens=20, temperature=0, stop_tokens=(), prompt_lookup=lookup)[0]
+        assert full.token_ids == base.token_ids and full.finish_reason == "length"
+    sampled = gen.generate(PROMPTS, max_new_tokens=20, temperature=1.0, seed=2, num_samples=2, stop_tokens=())
+    assert all(s.completion_tokens == 20 and s.finish_reason == "length" for s in sampled)
+    # Any token can be a stop token; one that is not <|endoftext|> finishes with "stop".
+    other = Generator(model, tokenizer, "cpu").generate(PROMPTS[2], max_new_tokens=20, temperature=0,
+                                                        stop_tokens=[stop])[0]
+    assert other.token_ids == base.token_ids[:first] and other.finish_reason == "stop"
+
+
+def test_batch_state_drops_finished_rows_from_the_cache(model: GPT, tokenizer) -> None:
+    gen = Generator(model, tokenizer, "cpu")
+
+    def state(prompts: list[str], spare: int = 4) -> BatchState:
+        return BatchState(model, gen._make_rows(prompts, 1, None), pad_id=tokenizer.eot_id,
+                          cache_dtype=torch.float32, spare=spare, track_seen=True)
+
+    lengths = [len(tokenizer.encode(p)) for p in PROMPTS[:3]]
+    batch = state(PROMPTS[:3])
+    width = max(lengths)
+    assert batch.cache.batch_size == 3 and batch.pending.shape == (3, width)
+    assert batch.pads.tolist() == [width - n for n in lengths] and batch.room == 4
+    with torch.inference_mode():
+        first = model.lm_head(batch.forward()[:, -1]).argmax(dim=-1)[:, None]  # (3, 1)
+        batch.advance(first)
+        for row, tok in zip(batch.rows, first[:, 0].tolist()):
+            row.context.append(tok)
+        batch.drop_finished([False, True, False])
+        assert [row.prompt for row in batch.rows] == [PROMPTS[0], PROMPTS[2]]
+        assert batch.cache.batch_size == 2 and batch.cache.length == width and batch.room == 3
+        assert batch.pending.tolist() == first[[0, 2]].tolist()
+        assert batch.pads.tolist() == [width - lengths[0], width - lengths[2]]
+        for r, row in enumerate(batch.rows):
+            assert set(torch.nonzero(batch.seen[r]).flatten().tolist()) == set(row.context)
+        # The rows left decode on exactly as they would have alone.
+        after = model.lm_head(batch.forward()[:, -1])
+        for r, row in enumerate(batch.rows):
+            alone = state([row.prompt])
+            alone.rows[0].context.append(row.context[-1])
+            alone.refill(CONFIG.block_size, spare=0)
+            torch.testing.assert_close(after[r], model.lm_head(alone.forward()[0, -1]), atol=1e-4, rtol=0)
+        batch.drop_finished([True, True])
+    assert batch.rows == []
 
 
 def test_empty_prompt_starts_a_document(gen: Generator) -> None:
@@ -461,10 +562,10 @@ def test_bf16_autocast_generates(model: GPT, tokenizer) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, model: GPT, tokenizer) -> Path:
-    from pocketlm.checkpoint import save_checkpoint
+    from pocketlm.checkpoint import save_checkpoint, weights_state_dict
 
     out = tmp_path_factory.mktemp("gen-run")
-    save_checkpoint(out, 1, model, tokenizer, {"model": dataclasses.asdict(CONFIG), "train": {}}, {})
+    save_checkpoint(out, 1, weights_state_dict(model), tokenizer, {"model": dataclasses.asdict(CONFIG), "train": {}}, {})
     return out
 
 
@@ -526,6 +627,21 @@ def test_cli_default_prompt_without_a_terminal(checkpoint: Path, capsys: pytest.
     code, out, err = run_cli(capsys, "--checkpoint", str(checkpoint), "--max-new-tokens", "3", "--temperature", "0")
     assert code == 0, err
     assert out.startswith("The history of")
+
+
+def test_cli_no_cache_gives_the_cached_output(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(PROMPTS[:3]), encoding="utf-8")
+    for sampling in (["--temperature", "0"], ["--seed", "4", "--num-samples", "2", "--repetition-penalty", "1.2"]):
+        # 20 new tokens stay within the 32-token context, where no window has slid yet.
+        args = ["--checkpoint", str(checkpoint), "--prompt-file", str(prompt_file), "--json", "--max-new-tokens",
+                "20", "--batch-size", "2", *sampling]
+        code, cached, err = run_cli(capsys, *args)
+        assert code == 0, err
+        code, plain, err = run_cli(capsys, *args, "--no-cache")
+        assert code == 0, err
+        completions = [[json.loads(line)["completion"] for line in out.splitlines()] for out in (cached, plain)]
+        assert completions[0] == completions[1] and len(completions[0]) == 3 * (1 + (sampling[0] == "--seed"))
 
 
 @pytest.mark.parametrize("flags", [["--temperature", "-1"], ["--top-k", "-1"], ["--top-p", "0"], ["--top-p", "1.5"],

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pocketlm.config import ModelConfig
-from pocketlm.losses import IGNORE_INDEX, fused_linear_cross_entropy
-from pocketlm.model import GPT, token_nll_sum
+from pocketlm.losses import IGNORE_INDEX, NextTokenLoss, chunked_token_nll, fused_linear_cross_entropy, token_nll_sum
+from pocketlm.model import GPT
 
 
 def _problem(seed=0, n=300, c=32, v=500):
@@ -71,9 +71,30 @@ def test_model_nll_sum_equals_logits_path():
     idx = torch.randint(0, 300, (3, 16))
     targets = torch.randint(0, 300, (3, 16))
     targets[0, 10:] = IGNORE_INDEX
-    torch.testing.assert_close(model.nll_sum(idx, targets), token_nll_sum(model(idx), targets), rtol=1e-5, atol=1e-5)
-    model.fused_loss = False
-    torch.testing.assert_close(model.nll_sum(idx, targets), token_nll_sum(model(idx), targets))
+    torch.testing.assert_close(NextTokenLoss(model)(idx, targets), token_nll_sum(model(idx), targets),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 300])
+def test_chunked_token_nll_equals_plain_per_token_nll(chunk):
+    """Evaluation's per-token NLL, a chunk of logits at a time, against the full-logits computation."""
+    h, w, t = _problem(seed=5)
+    expected = torch.nn.functional.cross_entropy(h @ w.t(), t, ignore_index=IGNORE_INDEX, reduction="none")
+    got = chunked_token_nll(h.detach(), w.detach(), t, chunk_tokens=chunk)
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-5)
+    assert bool((got[t == IGNORE_INDEX] == 0).all())
+
+
+def test_weight_gradient_through_autograd_when_asked():
+    """accumulate_grad=False (data parallelism) returns the weight's gradient through autograd:
+    the same gradient, and nothing written into .grad behind autograd's back."""
+    h, w, t = _problem(seed=6)
+    expected = _loss_and_grads(lambda h, w, t: token_nll_sum(h @ w.t(), t), h, w, t, "fp32")
+    w.grad = None
+    loss = fused_linear_cross_entropy(h, w, t, chunk_tokens=64, accumulate_grad=False)
+    (grad_w,) = torch.autograd.grad(loss / 7, w)
+    assert w.grad is None
+    torch.testing.assert_close(grad_w, expected[2], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from pocketlm.config import ModelConfig, build_train_config
+from pocketlm.losses import NextTokenLoss
 from pocketlm.lowmem import LowMemoryAdamW
-from pocketlm.model import GPT, decay_groups
+from pocketlm.model import GPT
+from pocketlm.optim import decay_groups
 from pocketlm.train import train
 
 CFG = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=211, dropout=0.0)
@@ -24,13 +26,11 @@ def _run(optimizer_cls, steps=5, accumulate=2, **kwargs):
     torch.manual_seed(0)
     model = GPT(CFG)
     opt = optimizer_cls(decay_groups(model, 0.1), lr=1e-2, betas=(0.9, 0.95), **kwargs)
-    if isinstance(opt, LowMemoryAdamW):
-        head = model.lm_head.weight
-        model.weight_grad_sink = lambda g: opt.accumulate(head, g)
+    objective = NextTokenLoss(model, weight_grad_sink=opt.accumulate if isinstance(opt, LowMemoryAdamW) else None)
     for step in range(steps):
         for micro in range(accumulate):
             x, y = _batch(step * 10 + micro)
-            (model.nll_sum(x, y) / 256).backward()
+            (objective(x, y) / 256).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return model
@@ -56,16 +56,15 @@ def test_gradients_live_in_bf16_buffers_and_include_the_tied_head():
     model = GPT(CFG)
     opt = LowMemoryAdamW(decay_groups(model, 0.1), lr=1e-3)
     head = model.lm_head.weight
-    model.weight_grad_sink = lambda g: opt.accumulate(head, g)
     x, y = _batch(0)
-    model.nll_sum(x, y).backward()
+    NextTokenLoss(model, weight_grad_sink=opt.accumulate)(x, y).backward()
     assert all(p.grad is None for p in model.parameters())  # no fp32 gradient survives backward
     assert {b.dtype for b in opt.grad_buffers.values()} == {torch.bfloat16}
     assert set(opt.grad_buffers) == set(model.parameters())
     # the same gradient as plain autograd (embedding and output layer both reach the tied weight)
     torch.manual_seed(0)
     plain = GPT(CFG)
-    plain.nll_sum(x, y).backward()
+    NextTokenLoss(plain)(x, y).backward()
     torch.testing.assert_close(opt.grad_buffers[head].float(), plain.lm_head.weight.grad, atol=2e-2, rtol=2e-2)
 
 
@@ -83,7 +82,7 @@ def test_state_is_bf16_and_loads_with_weights_only(tmp_path):
     model = GPT(CFG)
     opt = LowMemoryAdamW(decay_groups(model, 0.1))
     x, y = _batch(0)
-    model.nll_sum(x, y).backward()
+    NextTokenLoss(model, weight_grad_sink=opt.accumulate)(x, y).backward()
     opt.step()
     torch.save(opt.state_dict(), tmp_path / "s.pt")
     state = torch.load(tmp_path / "s.pt", weights_only=True)
@@ -115,7 +114,7 @@ def test_low_memory_training_learns_and_resumes_exactly(corpus_file, tmp_path):
     assert (resumed.final_checkpoint / "model.safetensors").read_bytes() == \
         (straight.final_checkpoint / "model.safetensors").read_bytes()
     saved = json.loads((tmp_path / "straight" / "config.json").read_text())
-    assert saved["train"]["low_memory"] is True
+    assert saved["train"]["memory"]["low_memory"] is True and saved["plan"]["low_memory"] is True
 
 
 def test_low_memory_refuses_fp16():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -10,7 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from pocketlm.config import PRESETS, ModelConfig
-from pocketlm.model import GPT, IGNORE_INDEX, decay_groups, token_nll_sum
+from pocketlm.losses import IGNORE_INDEX, NextTokenLoss, token_nll_sum
+from pocketlm.model import GPT
+from pocketlm.optim import decay_groups
+from pocketlm.parallelize import apply_activation_checkpointing, apply_embedding_grad_fusion, embed_tokens
 
 # Small enough that every forward pass takes milliseconds on a CPU.
 SMALL = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=32, vocab_size=101, dropout=0.0)
@@ -252,46 +254,6 @@ def test_token_nll_sum_is_fp32_for_half_logits() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parity with Hugging Face GPT-2
-
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def hf_to_pocketlm_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Same names; HF's Conv1D weights are stored (in, out) and are transposed to Linear's (out, in)."""
-    out = {}
-    for name, tensor in hf_state.items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # non-parameter buffers of older transformers versions
-        out[name] = tensor.t().contiguous() if name.endswith(CONV1D_WEIGHTS) else tensor
-    return out
-
-
-@torch.no_grad()
-def test_logits_match_hugging_face_gpt2() -> None:
-    transformers = pytest.importorskip("transformers")
-    config = dataclasses.replace(SMALL, n_layer=3)
-    hf_config = transformers.GPT2Config(
-        n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
-        n_head=config.n_head, vocab_size=config.vocab_size, activation_function="gelu_new",
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=config.layer_norm_eps,
-        bos_token_id=config.vocab_size - 1, eos_token_id=config.vocab_size - 1)
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(hf_config).eval()
-    # Randomise everything (HF zeroes biases and sets LayerNorm to identity at init).
-    for p in hf.parameters():
-        p.copy_(torch.randn_like(p) * 0.1)
-    ours = GPT(config).eval()
-    missing, unexpected = ours.load_state_dict(hf_to_pocketlm_state_dict(hf.state_dict()), strict=False)
-    assert not unexpected
-    assert set(missing) <= {"lm_head.weight"}  # tied: some HF versions leave it out
-    assert ours.lm_head.weight is ours.transformer.wte.weight
-    idx = random_ids(2, config.block_size, seed=9)
-    expected = hf(idx).logits
-    torch.testing.assert_close(ours(idx), expected, atol=1e-4, rtol=0)
-
-
-# ---------------------------------------------------------------------------------------------
 # Activation checkpointing changes memory, never results
 
 
@@ -305,12 +267,12 @@ def test_checkpointing_modes_give_identical_loss_and_gradients(precision) -> Non
     for mode, full in (("none", 0), ("selective", 0), ("selective", 2), ("full", 0)):
         torch.manual_seed(0)
         model = GPT(cfg).train()
-        model.set_checkpointing(mode, full)
+        apply_activation_checkpointing(model, mode, full)
         torch.manual_seed(1)  # same dropout masks in every mode
         ctx = torch.autocast("cpu", torch.bfloat16, cache_enabled=False) if precision == "bf16" \
             else contextlib.nullcontext()
         with ctx:
-            loss = model.nll_sum(idx[:, :-1], idx[:, 1:])
+            loss = NextTokenLoss(model)(idx[:, :-1], idx[:, 1:])
         loss.backward()
         results[(mode, full)] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
     ref_loss, ref_grads = results[("none", 0)]
@@ -321,24 +283,28 @@ def test_checkpointing_modes_give_identical_loss_and_gradients(precision) -> Non
 
 
 def test_checkpointing_is_inactive_in_eval_and_with_a_cache() -> None:
+    from pocketlm.parallelize import block_modes
+
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=97, dropout=0.0)
     model = GPT(cfg)
-    model.set_checkpointing("full")
-    assert model.full_checkpoint_blocks == 2
+    reference = GPT(cfg)
+    reference.load_state_dict(model.state_dict())
+    apply_activation_checkpointing(model, "full")
+    assert block_modes(2, "full", 0) == ["full", "full"] and block_modes(3, "selective", 2) == ["full", "full", "selective"]
+    assert set(model.state_dict()) == set(reference.state_dict())  # parameter names are unchanged
     idx = torch.randint(0, 97, (1, 8))
     model.eval()
     with torch.no_grad():
         cached = model(idx, kv_cache=model.new_kv_cache(1))
     torch.testing.assert_close(cached, model(idx))
+    torch.testing.assert_close(model(idx), reference.eval()(idx))
     with pytest.raises(ValueError):
-        model.set_checkpointing("sometimes")
+        apply_activation_checkpointing(model, "sometimes")
 
 
 def test_token_embedding_gradient_goes_straight_into_grad():
     """The fused lookup adds each row's gradient into weight.grad (repeated ids summed, an existing
     gradient kept), exactly what autograd's dense embedding gradient would add."""
-    from pocketlm.model import embed_tokens
-
     torch.manual_seed(0)
     weight = torch.randn(50, 8, requires_grad=True)
     idx = torch.tensor([[3, 7, 3, 3], [0, 49, 7, 1]])  # repeats on purpose
@@ -352,7 +318,7 @@ def test_token_embedding_gradient_goes_straight_into_grad():
         assert torch.equal(embed_tokens(idx, weight), F.embedding(idx, weight))
 
 
-def test_tied_weight_gradient_equals_unfused_autograd(monkeypatch):
+def test_tied_weight_gradient_equals_unfused_autograd():
     """Both fusions (output layer and embedding) write the tied weight's .grad; together they
     must equal what plain autograd computes with neither."""
     torch.manual_seed(0)
@@ -360,10 +326,10 @@ def test_tied_weight_gradient_equals_unfused_autograd(monkeypatch):
     fused = GPT(cfg)
     plain = GPT(cfg)
     plain.load_state_dict(fused.state_dict())
-    plain.fused_loss = False
+    apply_embedding_grad_fusion(fused)
+    assert fused.lm_head.weight is fused.transformer.wte.weight  # still tied
     idx, targets = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
-    fused.nll_sum(idx, targets).backward()
-    monkeypatch.setattr("pocketlm.model.embed_tokens", F.embedding)
+    NextTokenLoss(fused)(idx, targets).backward()
     logits = plain(idx)
     wte = plain.transformer.wte.weight
     expected = torch.autograd.grad(token_nll_sum(logits, targets), wte)[0]

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from pocketlm.config import PRESETS, ModelConfig, build_train_config
+from pocketlm import perf
 from pocketlm.perf import (flops_per_token, keep_freed_memory_for_reuse, known_peak_flops,
                            measure_matmul_peak, throughput)
-from pocketlm.train import COMPILE_MIN_PEAK_SECONDS, should_compile, train, work_seconds_at_peak
+from pocketlm.plan import COMPILE_MIN_PEAK_SECONDS, should_compile, work_seconds_at_peak
+from pocketlm.train import train
 
 
 def test_flops_per_token_counts_every_matmul_weight_and_attention():
@@ -26,9 +28,22 @@ def test_flops_per_token_counts_every_matmul_weight_and_attention():
     assert flops_per_token(small, 64) < flops_per_token(small, 128)  # longer context, more attention
 
 
-def test_measured_matmul_peak_is_plausible():
-    peak = measure_matmul_peak("cpu", torch.float32, size=256, min_seconds=0.05)
-    assert 1e8 < peak < 1e14  # between a slow laptop core and far beyond any CPU
+def test_measured_matmul_peak_is_products_over_time(monkeypatch):
+    """On a clock that advances 0.01 s per reading, the peak is exactly the products' FLOPs over the
+    time the timed rounds took: 2 n^3 per product, rounds of 4, until min_seconds have passed."""
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(perf.time, "perf_counter", lambda: next(ticks) * 0.01)
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(perf.torch, "mm", lambda a, b, out=None: calls.append(1) or real_mm(a, b, out=out))
+    peak = measure_matmul_peak("cpu", torch.float32, size=64, min_seconds=0.05)
+    timed = len(calls) - 3  # three warm-up products
+    assert timed == 20  # five rounds of four: the clock reads 0.01 s further after each round
+    assert peak == pytest.approx(2 * 64 ** 3 * timed / 0.05)
+    monkeypatch.undo()
+    # and a real measurement of a product this machine can do is a positive, finite rate
+    real = measure_matmul_peak("cpu", torch.float32, size=128, min_seconds=0.02)
+    assert 0 < real < float("inf")
 
 
 def test_throughput_and_mfu():
@@ -48,14 +63,14 @@ def test_allocator_setting_takes_on_glibc():
 
 
 def test_auto_compile_only_when_the_run_repays_compiling():
-    cfg = build_train_config(None, preset="tiny")
-    cpu, mps = torch.device("cpu"), torch.device("mps")
-    assert should_compile(cfg, cpu, COMPILE_MIN_PEAK_SECONDS)
-    assert not should_compile(cfg, cpu, COMPILE_MIN_PEAK_SECONDS - 1)
-    assert not should_compile(cfg, cpu, None)  # no peak known
-    assert not should_compile(cfg, mps, 10 * COMPILE_MIN_PEAK_SECONDS)
-    assert not should_compile(build_train_config(None, preset="tiny", compile=False), cpu, 1e9)
-    assert should_compile(build_train_config(None, preset="tiny", compile=True), cpu, 0.0)
+    auto = build_train_config(None, preset="tiny").run.compile
+    cpu, mps = "cpu", "mps"
+    assert should_compile(auto, cpu, COMPILE_MIN_PEAK_SECONDS)
+    assert not should_compile(auto, cpu, COMPILE_MIN_PEAK_SECONDS - 1)
+    assert not should_compile(auto, cpu, None)  # no peak known
+    assert not should_compile(auto, mps, 10 * COMPILE_MIN_PEAK_SECONDS)
+    assert not should_compile(build_train_config(None, preset="tiny", compile=False).run.compile, cpu, 1e9)
+    assert should_compile(build_train_config(None, preset="tiny", compile=True).run.compile, cpu, 0.0)
 
 
 def test_work_at_peak_separates_the_presets_as_measured():
@@ -112,3 +127,26 @@ def test_compiled_fp32_matches_eager_fp32_closely(corpus_file, tmp_path):
     _, compiled, _ = _curve(corpus_file, tmp_path, "compiled", precision="fp32", compile=True)
     for a, b in zip(compiled, eager):
         assert a == pytest.approx(b, rel=1e-5)  # measured: 1e-7
+
+
+def test_busy_cpu_is_told_once_and_a_quiet_one_not():
+    from pocketlm.perf import busy_cpu_warning
+
+    assert busy_cpu_warning(190e9, 100e9, 2) is None  # two threads at 95% of twice one thread
+    assert busy_cpu_warning(1e9, 100e9, 1) is None  # one thread: nothing to compare
+    warning = busy_cpu_warning(80e9, 100e9, 2)  # two threads no faster than one: the other core is taken
+    assert warning is not None and "CPU is busy" in warning and "40%" in warning and "100 GFLOP/s" in warning
+
+
+def test_trainer_warns_when_its_measured_peak_says_the_cpu_is_busy(monkeypatch, corpus_file, tmp_path):
+    from pocketlm import plan as plan_mod
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(plan_mod, "measure_matmul_peak", lambda *a, **k: 1e9)  # four threads...
+    monkeypatch.setattr(plan_mod, "one_thread_matmul_peak", lambda dtype: 1e9)  # ...as fast as one
+    cfg = build_train_config(None, preset="tiny", model=dict(n_layer=1, n_embd=32, n_head=2, block_size=32),
+                             data=str(corpus_file), out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "c"),
+                             max_steps=1, batch_size=2, grad_accum=1, precision="fp32", device="cpu",
+                             eval_batches=1, compile=False)
+    notes = [r["message"] for r in train(cfg, show_progress=False).history if r["event"] == "note"]
+    assert len(notes) == 1 and "CPU is busy" in notes[0] and "25%" in notes[0]

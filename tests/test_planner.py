@@ -12,10 +12,13 @@ from pocketlm.batching import MicroBatch
 from pocketlm.cli import main
 from pocketlm.config import PRESETS, ModelConfig, build_train_config
 from pocketlm.errors import ConfigError
-from pocketlm.memtrack import measure_peak
+from pocketlm.losses import NextTokenLoss
 from pocketlm.model import GPT
+from pocketlm.optim import build_optimizer
+from pocketlm.parallelize import prepare_model
 from pocketlm.planner import GiB, fit_to_budget, num_parameters, parse_size, predict_peak
-from pocketlm.train import build_optimizer, train, train_step
+from pocketlm.train import train, train_step
+from memtrack import measure_peak  # benchmarks/memtrack.py: the memory probe the benchmarks use
 
 SMALL = ModelConfig(n_layer=3, n_head=4, n_embd=128, block_size=128, vocab_size=50257, dropout=0.0)
 
@@ -25,11 +28,12 @@ def measured_peak(config: ModelConfig, batch_size: int, seq_len: int, precision:
     """Peak of a steady-state optimizer step of two micro-batches (the second runs with the
     first one's gradients alive, as every micro-step after the first does)."""
     torch.manual_seed(0)
-    cfg = build_train_config(None, checkpointing=checkpointing, full_checkpoint_blocks=full_blocks,
-                             low_memory=low_memory)
+    cfg = build_train_config(None, low_memory=low_memory)
     model = GPT(config)
-    model.set_checkpointing("full" if low_memory else checkpointing, full_blocks)
-    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    prepare_model(model, device_type="cpu", compiled=False, checkpointing="full" if low_memory else checkpointing,
+                  full_blocks=full_blocks, low_memory=low_memory)
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"), low_memory=low_memory)
+    objective = NextTokenLoss(model, weight_grad_sink=optimizer.weight_grad_sink)
     g = torch.Generator().manual_seed(0)
 
     def micro() -> MicroBatch:
@@ -37,10 +41,10 @@ def measured_peak(config: ModelConfig, batch_size: int, seq_len: int, precision:
         return MicroBatch(ids[:, :-1], ids[:, 1:], None, None, batch_size * seq_len)
 
     def step() -> None:
-        train_step(model, optimizer, [micro(), micro()], lr=1e-4, device=torch.device("cpu"), precision=precision)
+        train_step(objective, optimizer, [micro(), micro()], lr=1e-4, device=torch.device("cpu"), precision=precision)
 
     step()  # creates the optimizer state
-    return measure_peak(step, device="cpu", model=model, optimizer=optimizer).peak_bytes
+    return measure_peak(step, device="cpu", model=model, optimizer=optimizer.optimizers[0]).peak_bytes
 
 
 CASES = [  # (config, micro-batch, sequence length, precision, checkpointing, full blocks, low memory)
@@ -121,7 +125,7 @@ def test_train_with_vram_applies_the_plan(corpus_file, tmp_path):
     plan = next(r for r in result.history if r["event"] == "memory_plan")
     assert plan["batch_size"] * plan["grad_accum"] == 8 and plan["batch_size"] < 8
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["train"]["batch_size"] == 8 and saved["applied"]["batch_size"] == plan["batch_size"]
+    assert saved["train"]["optim"]["batch_size"] == 8 and saved["plan"]["batch_size"] == plan["batch_size"]
 
 
 def test_out_of_memory_halves_micro_batches_and_keeps_the_step(corpus_file, tmp_path, monkeypatch):
@@ -135,14 +139,14 @@ def test_out_of_memory_halves_micro_batches_and_keeps_the_step(corpus_file, tmp_
                                   eval_batches=1, log_interval=1)
 
     normal = train(config("normal"), show_progress=False)
-    real = GPT.nll_sum
+    real = NextTokenLoss.forward
 
     def small_memory(self, idx, *args, **kwargs):
-        if self.training and idx.size(0) > 2:
+        if idx.size(0) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(self, idx, *args, **kwargs)
 
-    monkeypatch.setattr(GPT, "nll_sum", small_memory)
+    monkeypatch.setattr(NextTokenLoss, "forward", small_memory)
     squeezed = train(config("squeezed"), show_progress=False)
     events = [r for r in squeezed.history if r["event"] == "oom"]
     assert events and events[0]["step"] == 1 and squeezed.step == 3
@@ -156,14 +160,10 @@ def test_out_of_memory_halves_micro_batches_and_keeps_the_step(corpus_file, tmp_
 def test_out_of_memory_at_one_sequence_is_a_clear_error(corpus_file, tmp_path, monkeypatch):
     from pocketlm.errors import TrainingError
 
-    real = GPT.nll_sum
-
     def no_memory(self, *args, **kwargs):
-        if self.training:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(self, *args, **kwargs)
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(GPT, "nll_sum", no_memory)
+    monkeypatch.setattr(NextTokenLoss, "forward", no_memory)
     cfg = build_train_config(None, preset="tiny", data=str(corpus_file), out_dir=str(tmp_path / "run"),
                              cache_dir=str(tmp_path / "c"), max_steps=1, batch_size=2, grad_accum=1,
                              precision="fp32", device="cpu")

@@ -15,9 +15,11 @@ from pocketlm.checkpoint import latest_checkpoint, list_checkpoints, load_checkp
 from pocketlm.config import ModelConfig, build_train_config
 from pocketlm.data import load_dataset
 from pocketlm.errors import ConfigError
+from pocketlm.losses import NextTokenLoss, token_nll_sum
 from pocketlm.model import GPT
+from pocketlm.optim import CosineSchedule, Optimizers, build_optimizer
 from pocketlm.tokenizer import gpt2_tokenizer
-from pocketlm.train import CosineSchedule, Interrupted, build_optimizer, train, train_step
+from pocketlm.train import Interrupted, train, train_step
 
 SMALL_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "dropout": 0.1}
 
@@ -74,9 +76,10 @@ def test_accumulated_step_equals_one_big_batch(corpus_file, tmp_path):
         torch.manual_seed(0)
         model = GPT(cfg)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        opt = torch.optim.SGD(model.parameters(), lr=1.0)  # parameter change == -gradient
-        loss, _ = train_step(model, opt, micro_batches, lr=1.0, device=torch.device("cpu"), grad_clip=0.0)
-        return loss.item(), {n: before[n] - p.detach() for n, p in model.named_parameters()}
+        opt = Optimizers([torch.optim.SGD(model.parameters(), lr=1.0)])  # parameter change == -gradient
+        loss, _ = train_step(NextTokenLoss(model), opt, micro_batches, lr=1.0, device=torch.device("cpu"),
+                             grad_clip=0.0)
+        return loss, {n: before[n] - p.detach() for n, p in model.named_parameters()}
 
     acc_loss, acc_grads = one_step(micro)
     big_loss, big_grads = one_step([big])
@@ -87,8 +90,6 @@ def test_accumulated_step_equals_one_big_batch(corpus_file, tmp_path):
     # The mean-of-means loss differs for these unequal micro-batches, so the test can tell.
     torch.manual_seed(0)
     model = GPT(cfg).eval()
-    from pocketlm.model import token_nll_sum
-
     with torch.no_grad():
         means = [token_nll_sum(model(m.input_ids), m.targets).item() / m.real_tokens for m in micro]
     assert abs(sum(means) / len(means) - big_loss) > 1e-3
@@ -108,7 +109,7 @@ def test_lr_schedule_shape():
 def test_weight_decay_only_on_matrices(corpus_file, tmp_path):
     cfg = small_config(corpus_file, tmp_path / "run", tmp_path / "cache")
     model = GPT(cfg.model_config())
-    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (p.dim() >= 2), name
@@ -118,9 +119,10 @@ def test_weight_decay_only_on_matrices(corpus_file, tmp_path):
 
 def test_defaults_are_the_original_recipe():
     cfg = build_train_config(None)
-    assert (cfg.preset, cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.weight_decay, cfg.epochs) == \
+    o = cfg.optim
+    assert (cfg.preset, o.batch_size, o.grad_accum, o.lr, o.weight_decay, o.epochs) == \
         ("gpt2-125m", 4, 4, 3e-4, 0.1, 3)
-    assert (cfg.beta1, cfg.beta2, cfg.grad_clip, cfg.min_lr_ratio, cfg.batching) == (0.9, 0.95, 1.0, 0.1, "bucket")
+    assert (o.beta1, o.beta2, o.grad_clip, o.min_lr_ratio, cfg.dataset.batching) == (0.9, 0.95, 1.0, 0.1, "bucket")
     assert str(cfg.resolved_out_dir()) == os.path.join("runs", "gpt2-125m")
 
 
@@ -140,7 +142,7 @@ def test_seed_makes_runs_repeatable_and_logs_what_was_asked(corpus_file, tmp_pat
     first = records[0]
     assert first["event"] == "start" and first["n_params"] > 0
     assert first["device"] == "cpu" and first["precision"] == "fp32"
-    assert first["config"]["train"]["max_steps"] == 6
+    assert first["config"]["train"]["optim"]["max_steps"] == 6
     steps = [r for r in records if r["event"] == "step"]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     assert all({"loss", "lr", "tokens_per_s"} <= r.keys() for r in steps)
@@ -149,7 +151,7 @@ def test_seed_makes_runs_repeatable_and_logs_what_was_asked(corpus_file, tmp_pat
     assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in evals)
     epoch = next(r for r in records if r["event"] == "epoch")
     assert {"real_tokens", "padded_tokens", "padding_fraction"} <= epoch.keys()
-    assert json.loads((a.out_dir / "config.json").read_text())["train"]["seed"] == 7
+    assert json.loads((a.out_dir / "config.json").read_text())["train"]["run"]["seed"] == 7
     # keep_checkpoints=3 by default: steps 2, 4, 6
     assert [p.name for p in list_checkpoints(a.out_dir)] == ["step-00000002", "step-00000004", "step-00000006"]
 

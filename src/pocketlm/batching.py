@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pocketlm.data import ExampleSet
-from pocketlm.model import IGNORE_INDEX
+from pocketlm.losses import IGNORE_INDEX
 
 Segment = tuple[int, int, int]  # (example index, begin, end) over the example's inputs
 

@@ -99,9 +99,12 @@ def weights_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != TIED_KEY}
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model: GPT, tokenizer: Tokenizer,
-                    config: dict[str, Any], state: dict[str, Any], keep: int | None = None) -> Path:
-    """Write ``step-<step>`` atomically and keep only the newest ``keep`` checkpoints."""
+def save_checkpoint(out_dir: str | Path, step: int, weights: dict[str, torch.Tensor], tokenizer: Tokenizer,
+                    config: dict[str, Any], state: dict[str, Any], keep: int | None = None,
+                    val_loss: float | None = None) -> Path:
+    """Write ``step-<step>`` atomically and keep only the newest ``keep`` checkpoints.
+    ``weights``: ``weights_state_dict(model)``; ``val_loss``, if the step was evaluated, is recorded
+    in meta.json."""
     folder = checkpoints_dir(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:08d}"
@@ -111,11 +114,11 @@ def save_checkpoint(out_dir: str | Path, step: int, model: GPT, tokenizer: Token
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(weights_state_dict(model), str(tmp / WEIGHTS))
+    save_file(weights, str(tmp / WEIGHTS))
     torch.save(state, tmp / STATE)
     (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
     tokenizer.save(tmp)
-    meta = {"format": FORMAT_VERSION, "step": step, "tokenizer": tokenizer.identity,
+    meta = {"format": FORMAT_VERSION, "step": step, "tokenizer": tokenizer.identity, "val_loss": val_loss,
             "files": {name: _sha256(tmp / name) for name in (WEIGHTS, STATE, CONFIG, TOKENIZER)}}
     (tmp / META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     for name in (WEIGHTS, STATE, CONFIG, TOKENIZER, META):
@@ -208,9 +211,17 @@ def load_weights(model: GPT, weights: dict[str, torch.Tensor], path: Path | str 
     model.load_state_dict(weights, strict=False)  # strict=False only because the tied key is stored once
 
 
+def check_finite(weights: dict[str, torch.Tensor], path: Path | str) -> None:
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: the weights are not finite ({name} holds NaN or inf); "
+                                  "use an earlier checkpoint")
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer, Checkpoint]:
     """A ready-to-use model in eval mode with its tokenizer, for generation and evaluation."""
     ckpt = load_checkpoint(path)
+    check_finite(ckpt.weights, ckpt.path)
     model = GPT(ckpt.model_config)
     load_weights(model, ckpt.weights, ckpt.path)
     return model.to(device).eval(), ckpt.tokenizer, ckpt

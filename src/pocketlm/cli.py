@@ -7,14 +7,19 @@ training save a checkpoint and exit with 128 + the signal number.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import sys
+import typing
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import click
 import typer
 
+from pocketlm import __version__
+from pocketlm.config import optional_type, field_docs, flag_name, type_hints
 from pocketlm.errors import PocketLMError
 
 # Typer >= 0.20 vendors its own click; older releases raise the click package's exceptions.
@@ -26,58 +31,91 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   rich_markup_mode=None, help="Train a GPT-2-class model from scratch, evaluate it, generate text.")
 
 
-@app.command("train")
-def train_command(
-    preset: Optional[str] = typer.Option(None, help="Model preset: gpt2-125m (default) or tiny."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file whose keys are TrainConfig fields; flags override it."),
-    data: Optional[str] = typer.Option(None, help="WikiText dir, text file, dir of .txt files, or hf:NAME[:CONFIG]. Default: the Hub's WikiText-2."),
-    out_dir: Optional[str] = typer.Option(None, help="Run directory (default runs/<preset>). The same one again resumes."),
-    resume: Optional[str] = typer.Option(None, help="Resume from this checkpoint (or run) directory."),
-    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps to run; overrides --epochs."),
-    epochs: Optional[int] = typer.Option(None, help="Passes over the training set (default 3)."),
-    batch_size: Optional[int] = typer.Option(None, help="Micro-batch size in sequences (default 4)."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step (default 4)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 3e-4)."),
-    warmup_steps: Optional[int] = typer.Option(None, help="Linear warmup steps, capped at 10% of the run (default 100)."),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay on 2-D+ tensors (default 0.1)."),
-    batching: Optional[str] = typer.Option(None, help="bucket (default), pack or random."),
-    device: Optional[str] = typer.Option(None, help="auto (default), cpu, cuda or mps."),
-    precision: Optional[str] = typer.Option(None, help="auto (default), fp32, bf16 or fp16."),
-    seed: Optional[int] = typer.Option(None, help="Seed for init, data order and dropout (default 1337)."),
-    eval_interval: Optional[int] = typer.Option(None, help="Evaluate every N steps (default 250) and at the end."),
-    eval_batches: Optional[int] = typer.Option(None, help="Cap validation micro-batches per evaluation."),
-    save_interval: Optional[int] = typer.Option(None, help="Checkpoint every N steps (default 250) and at the end."),
-    keep_checkpoints: Optional[int] = typer.Option(None, help="Newest checkpoints to keep (default 3)."),
-    log_interval: Optional[int] = typer.Option(None, help="Write a step line to metrics.jsonl every N steps (default 10)."),
-    val_fraction: Optional[float] = typer.Option(None, help="Validation share of documents for sources without one (default 0.1)."),
-    cache_dir: Optional[str] = typer.Option(None, help="Token cache directory (default ~/.cache/pocketlm)."),
-    checkpointing: Optional[str] = typer.Option(None, help="Activation checkpointing: selective (default), full or none."),
-    full_checkpoint_blocks: Optional[int] = typer.Option(None, help="Blocks recomputed fully on top of selective checkpointing (default 2)."),
-    vram: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4GB (auto on CUDA: free memory): fit micro-batch and checkpointing to it."),
-    low_memory: Optional[bool] = typer.Option(None, "--low-memory", help="bf16 gradients and AdamW moments, full checkpointing: about 1.4 GiB for gpt2-125m."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the transformer blocks (default: on for CPU/CUDA runs long enough to repay compiling)."),
-) -> None:
-    """Train (or resume) a model."""
-    from pocketlm.config import build_train_config
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"pocketlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print the version and exit.")) -> None:
+    """Train a GPT-2-class model from scratch, evaluate it, generate text."""
+
+
+def _option_type(hint: Any) -> Any:
+    kind, _ = optional_type(hint)
+    if typing.get_origin(kind) is typing.Literal:
+        return str
+    return kind
+
+
+def _help(doc: str, default: Any) -> str:
+    text = " ".join(doc.split("\n\n")[0].split())
+    if default is not None and default is not dataclasses.MISSING and not isinstance(default, dict):
+        shown = {True: "on", False: "off"}.get(default, default) if isinstance(default, bool) else default
+        text += f" (default {shown})"
+    return text
+
+
+def train_parameters() -> list[inspect.Parameter]:
+    """One typer option per config field (``TrainConfig``'s sections and ``ModelConfig``), from
+    the field's type and docstring: each field is written once, in config.py."""
+    from pocketlm.config import PRESETS, SECTIONS, ModelConfig, TrainConfig
+
+    params = [
+        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                          default=typer.Option(None, "--config", help="YAML file of config fields (flat, or in "
+                                               "sections dataset/optim/memory/run and model); flags override it.")),
+        inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                          default=typer.Option(None, "--preset", help=f"Model preset: {' or '.join(PRESETS)} "
+                                               f"(default {TrainConfig.preset}).")),
+    ]
+    groups = [(cls, field_docs(cls)) for cls in SECTIONS.values()] + [(ModelConfig, field_docs(ModelConfig))]
+    for cls, docs in groups:
+        hints = type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            kind = _option_type(hints[f.name])
+            if cls is ModelConfig:
+                doc = f"Model: {docs.get(f.name, '')} Default: the preset's."
+                default = None
+            else:
+                doc = docs.get(f.name, "")
+            if kind is bool:
+                decls = [f"{flag_name(f.name)}/--no-{f.name.replace('_', '-')}"] if f.name == "compile" \
+                    else [flag_name(f.name)]
+            else:
+                decls = [flag_name(f.name)]
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
+                                            default=typer.Option(None, *decls, help=_help(doc, default))))
+    return params
+
+
+def train_command(**values: Any) -> None:
+    """Train (or resume) a model. The same command again resumes; --resume branches from a checkpoint."""
+    from pocketlm.config import given_settings
+    from pocketlm.data import check_source
+    from pocketlm.rundir import resolve_settings
     from pocketlm.train import train
 
-    cfg = build_train_config(
-        config, preset=preset, data=data, out_dir=out_dir, resume=resume, max_steps=max_steps, epochs=epochs,
-        batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
-        batching=batching, device=device, precision=precision, seed=seed, eval_interval=eval_interval,
-        eval_batches=eval_batches, save_interval=save_interval, keep_checkpoints=keep_checkpoints,
-        log_interval=log_interval, val_fraction=val_fraction, cache_dir=cache_dir, checkpointing=checkpointing,
-        full_checkpoint_blocks=full_checkpoint_blocks, vram=vram, low_memory=low_memory, compile=compile)
-    result = train(cfg)
+    given = given_settings(values.pop("config"), **values)
+    result = train(resolve_settings(given, check_data=check_source))
     where = result.final_checkpoint or result.out_dir
     loss = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(f"done: step {result.step}{loss}; checkpoint {where}")
 
 
+train_command.__signature__ = inspect.Signature(train_parameters())  # type: ignore[attr-defined]
+train_command.__annotations__ = {p.name: p.annotation for p in train_command.__signature__.parameters.values()}
+app.command("train")(train_command)
+
+
 @app.command("eval")
 def eval_command(
     checkpoint: Path = typer.Option(..., help="Checkpoint directory, or a run directory (its latest checkpoint)."),
-    data: str = typer.Option(..., help="Text to evaluate: WikiText dir, text file, dir of .txt files, or hf:NAME."),
+    data: str = typer.Option(..., help="Text to evaluate: a WikiText folder, a text file, a folder of .txt files, "
+                                       "or hf:NAME[:CONFIG] for a Hub dataset with a text column."),
     split: str = typer.Option("auto", help="auto (test if present, else validation), train, validation, test or all."),
     batch_size: int = typer.Option(4, min=1, help="Micro-batch size."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
@@ -87,11 +125,13 @@ def eval_command(
     from pocketlm.checkpoint import load_model
     from pocketlm.device import resolve_device, resolve_precision
     from pocketlm.evaluate import choose_split, evaluate_documents
+    from pocketlm.rundir import saved_train_config
 
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     model, tokenizer, ckpt = load_model(checkpoint, dev)
-    docs, wikitext, chosen = choose_split(data, split, ckpt.config["train"].get("val_fraction", 0.1))
+    val_fraction = saved_train_config(ckpt.config, ckpt.path / "config.json").dataset.val_fraction
+    docs, wikitext, chosen = choose_split(data, split, val_fraction)
     report = evaluate_documents(model, tokenizer, docs, wikitext=wikitext, batch_size=batch_size,
                                 device=dev, precision=prec)
     print(f"checkpoint {ckpt.path} (step {ckpt.step}) on the {chosen} split of {data}: "
@@ -107,32 +147,37 @@ def plan_command(
     batch_size: int = typer.Option(4, min=1, help="Micro-batch size in sequences."),
     grad_accum: int = typer.Option(4, min=1, help="Micro-batches per optimizer step."),
     seq_len: Optional[int] = typer.Option(None, min=1, help="Tokens per sequence (default: the context length)."),
-    precision: str = typer.Option("bf16", help="bf16, fp16 or fp32."),
+    precision: str = typer.Option("auto", help="auto (as training would choose on --device), bf16, fp16 or fp32."),
     checkpointing: str = typer.Option("selective", help="selective, full or none."),
     full_checkpoint_blocks: int = typer.Option(2, min=0, help="Blocks recomputed fully on top of selective."),
     vram: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4GB: also print settings that fit it."),
-    device: str = typer.Option("cuda", help="Device the plan is for (cuda leaves room for its context)."),
+    device: str = typer.Option("auto", help="Device the plan is for: auto (this machine's: cuda, then mps, then "
+                                            "cpu), cpu, cuda or mps. A GPU plan leaves room for its context."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Plan for --low-memory training."),
 ) -> None:
     """Predict a training step's peak memory; with --vram, choose settings that fit. Last line is JSON."""
-    from pocketlm.config import CHECKPOINTING_CHOICES, model_preset
-    from pocketlm.errors import ConfigError
+    import torch
+
+    from pocketlm.config import Checkpointing, Device, Precision, check_value, model_preset
+    from pocketlm.device import resolve_device, resolve_precision
     from pocketlm.planner import GiB, fit_to_budget, format_plan, parse_size, predict_peak
 
-    if checkpointing not in CHECKPOINTING_CHOICES:
-        raise ConfigError(f"--checkpointing must be one of {', '.join(CHECKPOINTING_CHOICES)}; got {checkpointing!r}")
-    if precision not in ("bf16", "fp16", "fp32"):
-        raise ConfigError(f"--precision must be bf16, fp16 or fp32; got {precision!r}")
-    if device not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device must be cpu, cuda or mps; got {device!r}")
+    check_value("checkpointing", checkpointing, Checkpointing)
+    check_value("precision", precision, Precision)
+    check_value("device", device, Device)
+    if device == "auto":
+        device = resolve_device("auto").type
+    if precision == "auto":
+        precision = resolve_precision("auto", torch.device(device))
     config = model_preset(preset)
     plan = predict_peak(config, batch_size, seq_len, precision=precision, checkpointing=checkpointing,
                         full_blocks=full_checkpoint_blocks, device=device, low_memory=low_memory)
     settings = ("low-memory (bf16 gradients and moments, full checkpointing)" if low_memory else
                 f"{checkpointing} checkpointing ({full_checkpoint_blocks} full blocks)")
-    print(f"{preset}, micro-batch {batch_size} x {seq_len or config.block_size} tokens, {precision}, {settings}, AdamW:")
+    print(f"{preset} on {device}, micro-batch {batch_size} x {seq_len or config.block_size} tokens, {precision}, "
+          f"{settings}, AdamW:")
     print(format_plan(plan))
-    result: dict = {"plan": plan.as_dict()}
+    result: dict = {"device": device, "precision": precision, "plan": plan.as_dict()}
     if vram:
         budget = parse_size(vram)
         choice = fit_to_budget(config, budget, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len,
@@ -168,8 +213,9 @@ def generate_command(
     """Generate text from a checkpoint: streams to the terminal, or JSON lines with --json."""
     from pocketlm.checkpoint import latest_checkpoint
     from pocketlm.errors import CheckpointError, ConfigError
-    from pocketlm.generate import (DEFAULT_PROMPT, Generator, OrderedPrinter, iter_interactive,
-                                   read_prompt_file, validate_sampling)
+    from pocketlm.console import DEFAULT_PROMPT, OrderedPrinter, iter_interactive, read_prompt_file
+    from pocketlm.generate import Generator
+    from pocketlm.sampling import validate_sampling
 
     validate_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       repetition_penalty=repetition_penalty, num_samples=num_samples, batch_size=batch_size,
@@ -183,7 +229,7 @@ def generate_command(
             raise CheckpointError(
                 f"no checkpoint in {checkpoint}: train one with `python train.py`, or a quick one with "
                 "`pocketlm train --preset tiny --data FILE` and pass --checkpoint runs/tiny")
-    gen = Generator.from_checkpoint(checkpoint, device=device, precision=precision,
+    gen = Generator.from_checkpoint(checkpoint, device=device, precision=precision, recompute=no_cache,
                                     warn=lambda msg: print(f"pocketlm: warning: {msg}", file=sys.stderr))
     if seed is None and temperature > 0:
         import secrets
@@ -191,7 +237,7 @@ def generate_command(
         seed = secrets.randbits(31)  # printed below, so a good sample can be had again
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty, num_samples=num_samples, seed=seed,
-                    batch_size=batch_size, use_cache=not no_cache, prompt_lookup=prompt_lookup)
+                    batch_size=batch_size, prompt_lookup=prompt_lookup)
 
     def run(batch: list[str]) -> None:
         if json_output:

@@ -1,53 +1,200 @@
-"""Configuration dataclasses: one per component, each field documented.
+"""Configuration: one small frozen dataclass per concern, each field written once.
 
-The YAML files a user passes with ``--config`` mirror these dataclasses key for key,
-and every command-line flag overrides the matching field.
+A field's type (``Literal`` for choices), default, docstring and ``setting(...)`` metadata (its
+range, and whether a resumed run may change it) are all that the YAML loader, the validation
+and the command line need: ``pocketlm train --help`` is generated from them (see cli.py).
+
+Every leaf field has a name unique across the sections, so a value can be given flat: as the
+flag ``--warmup-steps``, the YAML key ``warmup_steps:`` (or ``optim: {warmup_steps: ...}``), or
+``build_train_config(warmup_steps=...)``. The same validation applies to all three, before
+anything touches the disk: integers must be integers, rates finite and in range, choices one
+of their ``Literal`` values.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import math
+import textwrap
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Mapping
 
 import yaml
 
 from pocketlm.errors import ConfigError
 
+# What a resumed run may do with a field (``setting(on_resume=...)``).
+FIXED = "fixed"  # must equal the run's value: it changes the result
+FREE = "free"  # may change on any resume: it changes how the run is watched or run, not its result
+LENGTH = "length"  # may change when branching from a checkpoint with --resume (train further)
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """Shape of the GPT. Parameter names follow Hugging Face GPT-2 (see model.py)."""
 
-    n_layer: int = 12
-    """Number of transformer blocks."""
-    n_head: int = 12
-    """Attention heads per block; must divide ``n_embd``."""
-    n_embd: int = 768
-    """Width of the residual stream."""
-    block_size: int = 512
-    """Context length in tokens (size of the learned position table)."""
-    vocab_size: int = 50257
-    """Tokenizer vocabulary size (GPT-2 BPE by default)."""
-    dropout: float = 0.1
-    """Dropout on the embeddings and on each block's attention and MLP outputs during training."""
-    attn_dropout: float = 0.0
-    """Dropout on attention probabilities. Off by default: any value above 0 makes PyTorch's
-    CPU attention fall back to a kernel that materialises every (T x T) probability matrix,
-    which cost 1.9 GiB more peak memory and was slower on the seed workload."""
-    layer_norm_eps: float = 1e-5
-    """LayerNorm epsilon, as in GPT-2."""
+def setting(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None, on_resume: str = FIXED,
+            default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its valid range and resume rule in its metadata."""
+    metadata = {"ge": ge, "gt": gt, "le": le, "lt": lt, "on_resume": on_resume}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation, shared by every config dataclass
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _describe(f: dataclasses.Field) -> str:
+    bounds = []
+    m = f.metadata
+    if m.get("gt") is not None:
+        bounds.append(f"> {m['gt']}")
+    if m.get("ge") is not None:
+        bounds.append(f">= {m['ge']}")
+    if m.get("lt") is not None:
+        bounds.append(f"< {m['lt']}")
+    if m.get("le") is not None:
+        bounds.append(f"<= {m['le']}")
+    return " and ".join(bounds)
+
+
+def optional_type(hint: Any) -> tuple[Any, bool]:
+    """(the non-None type, whether None is allowed)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), type(None) in args
+    return hint, False
+
+
+def coerce(value: Any, hint: Any) -> Any:
+    """YAML reads ``3e-4`` as a string (YAML 1.1 wants ``3.0e-4``) and ``1`` as an int: both are
+    fine where a float is expected. Nothing else is converted."""
+    kind, _ = optional_type(hint)
+    if kind is float and not isinstance(value, bool):
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+    return value
+
+
+def check_value(name: str, value: Any, hint: Any, f: dataclasses.Field | None = None) -> None:
+    """One-line ``ConfigError`` unless ``value`` has the field's type and lies in its range."""
+    kind, optional = optional_type(hint)
+    flag = flag_name(name)
+    if value is None:
+        if optional:
+            return
+        raise ConfigError(f"{flag} must be given, got None")
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices or isinstance(value, bool):
+            raise ConfigError(f"{flag} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return
+    if kind is bool:
+        ok = isinstance(value, bool)
+        what = "true or false"
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        what = "a whole number"
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        what = "a finite number"
+    elif kind is str:
+        ok = isinstance(value, str) and value.strip() != ""
+        what = "a non-empty string"
+    else:  # mappings and the like: checked by their owner
+        return
+    bounds = _describe(f) if f is not None else ""
+    if ok and bounds:
+        m = f.metadata
+        ok = ((m.get("gt") is None or value > m["gt"]) and (m.get("ge") is None or value >= m["ge"])
+              and (m.get("lt") is None or value < m["lt"]) and (m.get("le") is None or value <= m["le"]))
+    if not ok:
+        raise ConfigError(f"{flag} must be {what}{' ' + bounds if bounds else ''}; got {value!r}")
+
+
+@functools.cache
+def type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def validate_fields(obj: Any) -> None:
+    hints = type_hints(type(obj))
+    for f in fields(obj):
+        check_value(f.name, getattr(obj, f.name), hints[f.name], f)
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal right below it in the class body)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # no source (a frozen app): no help texts
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+class Validated:
+    """Mixin: validate every field on construction."""
 
     def __post_init__(self) -> None:
+        validate_fields(self)
+        self.check()
+
+    def check(self) -> None:
+        """Rules across fields; override where there are some."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass(frozen=True)
+class ModelConfig(Validated):
+    """Shape of the GPT. Parameter names follow Hugging Face GPT-2 (see model.py)."""
+
+    n_layer: int = setting(12, ge=1, le=1024)
+    """Number of transformer blocks."""
+    n_head: int = setting(12, ge=1, le=1024)
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = setting(768, ge=1, le=65536)
+    """Width of the residual stream."""
+    block_size: int = setting(512, ge=1, le=1 << 20)
+    """Context length in tokens (size of the learned position table)."""
+    vocab_size: int = setting(50257, ge=2, le=1 << 24)
+    """Vocabulary size of the embedding table (GPT-2's BPE by default)."""
+    dropout: float = setting(0.1, ge=0.0, lt=1.0)
+    """Dropout on the embeddings and on each block's attention and MLP outputs during training."""
+    attn_dropout: float = setting(0.0, ge=0.0, lt=1.0)
+    """Dropout on attention probabilities. Off by default: any value above 0 makes PyTorch's CPU
+    attention fall back to a kernel that materialises every (T x T) probability matrix, which cost
+    1.9 GiB more peak memory and was slower on the seed workload."""
+    layer_norm_eps: float = setting(1e-5, gt=0.0, lt=1.0)
+    """LayerNorm epsilon, as in GPT-2."""
+
+    def check(self) -> None:
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
-        for name in ("dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -65,128 +212,221 @@ def model_preset(name: str) -> ModelConfig:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
 
 
-BATCHING_CHOICES = ("bucket", "pack", "random")
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
-PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
-CHECKPOINTING_CHOICES = ("none", "selective", "full")
+Batching = Literal["bucket", "pack", "random"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Checkpointing = Literal["none", "selective", "full"]
 
 
-@dataclass
-class TrainConfig:
-    """Everything a training run needs. Defaults are the original project's recipe."""
+# ---------------------------------------------------------------------------------------------
+# Training, by concern
 
-    preset: str = "gpt2-125m"
-    """Model preset; see ``PRESETS``."""
-    model: dict[str, Any] = field(default_factory=dict)
-    """Overrides of individual ``ModelConfig`` fields on top of the preset (YAML only)."""
+
+@dataclass(frozen=True)
+class DataConfig(Validated):
+    """Where the text comes from and how it is cut into micro-batches."""
+
     data: str | None = None
-    """Text source: a WikiText directory, a text file, a directory of .txt files, or
-    ``hf:NAME[:CONFIG]`` for a Hugging Face dataset. None means the Hub's WikiText-2."""
-    val_fraction: float = 0.1
+    """Text source: a WikiText folder, a text file, a folder of .txt files, or hf:NAME[:CONFIG]
+    for a Hugging Face dataset. None means the Hub's WikiText-2."""
+    val_fraction: float = setting(0.1, gt=0.0, lt=1.0)
     """Share of documents held out for validation when the source has no validation split."""
-    cache_dir: str | None = None
-    """Where token caches live; default ``$POCKETLM_CACHE`` or ``~/.cache/pocketlm``."""
-    out_dir: str | None = None
-    """Run directory; default ``runs/<preset>``. Re-running with the same one resumes."""
-    resume: str | None = None
-    """Resume from this checkpoint directory instead of the out dir's latest."""
-    epochs: int = 3
-    """Passes over the training set (ignored when ``max_steps`` is set)."""
-    max_steps: int | None = None
-    """Stop after this many optimizer steps; overrides ``epochs``."""
-    batch_size: int = 4
-    """Micro-batch size in sequences; with ``block_size`` it sets the token budget per micro-batch."""
-    grad_accum: int = 4
+    cache_dir: str | None = setting(None, on_resume=FREE)
+    """Where token caches live; default $POCKETLM_CACHE, else ~/.cache/pocketlm."""
+    batching: Batching = "bucket"
+    """Batch schedule: bucket (length-grouped), pack (documents concatenated, no padding) or
+    random (the baseline)."""
+
+
+@dataclass(frozen=True)
+class OptimConfig(Validated):
+    """The recipe: batch, length, AdamW and its learning-rate schedule."""
+
+    batch_size: int = setting(4, ge=1, le=1 << 16)
+    """Micro-batch size in sequences; with the context it sets the token budget of a micro-batch."""
+    grad_accum: int = setting(4, ge=1, le=1 << 16)
     """Micro-batches per optimizer step."""
-    lr: float = 3e-4
+    epochs: int = setting(3, ge=1, le=1 << 20, on_resume=LENGTH)
+    """Passes over the training set (ignored when max_steps is set)."""
+    max_steps: int | None = setting(None, ge=1, le=1 << 40, on_resume=LENGTH)
+    """Stop after this many optimizer steps; overrides epochs."""
+    lr: float = setting(3e-4, gt=0.0, le=10.0)
     """Peak learning rate."""
-    min_lr_ratio: float = 0.1
-    """Cosine decay ends at this fraction of the peak."""
-    warmup_steps: int = 100
+    min_lr_ratio: float = setting(0.1, ge=0.0, le=1.0)
+    """The cosine decay ends at this fraction of the peak."""
+    warmup_steps: int = setting(100, ge=0, le=1 << 40)
     """Linear warmup length, capped at 10% of the run's steps."""
-    weight_decay: float = 0.1
+    weight_decay: float = setting(0.1, ge=0.0, le=10.0)
     """AdamW decay, applied to tensors of two or more dimensions only."""
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value (0 disables)."""
-    batching: str = "bucket"
-    """Batch schedule: bucket (length-grouped), pack (no padding), random (baseline)."""
-    device: str = "auto"
-    """auto picks cuda, then mps, then cpu."""
-    precision: str = "auto"
-    """auto: bf16 where the device has it, fp16 with loss scaling on older GPUs, else fp32."""
-    seed: int = 1337
-    """Seeds initialisation, data order and dropout."""
-    eval_interval: int = 250
-    """Evaluate on the validation split every this many steps (and at the end)."""
-    eval_batches: int | None = None
-    """Cap on validation micro-batches per evaluation (None: the whole split)."""
-    save_interval: int = 250
-    """Save a checkpoint every this many steps (and at the end, and on SIGINT/SIGTERM)."""
-    keep_checkpoints: int = 3
-    """How many of the newest checkpoints to keep."""
-    log_interval: int = 10
-    """Write a step line to metrics.jsonl every this many steps."""
-    checkpointing: str = "selective"
+    beta1: float = setting(0.9, ge=0.0, lt=1.0)
+    """AdamW's first-moment decay."""
+    beta2: float = setting(0.95, ge=0.0, lt=1.0)
+    """AdamW's second-moment decay."""
+    grad_clip: float = setting(1.0, ge=0.0)
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+
+
+@dataclass(frozen=True)
+class MemoryConfig(Validated):
+    """How memory is saved. None of these changes the results, except --low-memory's rounding."""
+
+    checkpointing: Checkpointing = setting("selective", on_resume=FREE)
     """Activation checkpointing: selective (keep matmul and attention outputs, recompute the
-    cheap ops in backward), full (keep only block inputs), or none. Same results, less memory."""
+    cheap ops in backward), full (keep only block inputs) or none. Same results, less memory."""
+    full_checkpoint_blocks: int = setting(2, ge=0, le=1024, on_resume=FREE)
+    """With selective checkpointing, also recompute this many blocks fully."""
     low_memory: bool = False
     """Gradients and AdamW moments in bf16 (weights stay fp32) and full activation
-    checkpointing: about 1.4 GiB instead of 2.4 on the seed workload. Not with fp16."""
+    checkpointing: the most frugal setting. Not with --precision fp16."""
     vram: str | None = None
-    """Memory budget such as ``4GB`` (or ``auto`` on CUDA: the free memory). The planner then
-    picks micro-batch, accumulation and checkpointing that fit, keeping the effective batch."""
-    full_checkpoint_blocks: int = 2
-    """With selective checkpointing, also recompute this many blocks fully (more memory saved,
-    more compute)."""
-    compile: bool | None = None
-    """Compile the transformer blocks with ``torch.compile``. None (auto): on for CPU and CUDA
-    runs long enough for the speed-up to outweigh the compile time (``train.should_compile``:
-    at least a minute of model FLOPs at the device's matmul peak), off otherwise."""
+    """Memory budget such as 4GB (auto on CUDA: the free memory). The planner then picks the
+    micro-batch, accumulation and checkpointing that fit, keeping the effective batch."""
 
-    def __post_init__(self) -> None:
-        self.validate()
+    def check(self) -> None:
+        if self.vram is not None and self.vram != "auto":
+            from pocketlm.planner import parse_size
 
-    def validate(self) -> None:
-        def positive(name: str) -> None:
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            parse_size(self.vram)
 
-        for name in ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "eval_interval",
-                     "save_interval", "keep_checkpoints", "log_interval", "eval_batches"):
-            positive(name)
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("--warmup-steps, --weight-decay and --grad-clip must not be negative")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.low_memory and self.precision == "fp16":
+
+@dataclass(frozen=True)
+class RunConfig(Validated):
+    """Where and how the run executes, and how it is watched."""
+
+    out_dir: str | None = setting(None, on_resume=FREE)
+    """Run folder; default runs/<preset>. Running the same command again resumes it."""
+    resume: str | None = setting(None, on_resume=FREE)
+    """Resume from this checkpoint (or run) folder instead of the run folder's latest; with a new
+    --out-dir this branches, and may set a new --max-steps or --epochs."""
+    device: Device = setting("auto", on_resume=FREE)
+    """Where to train: auto picks cuda, then mps, then cpu."""
+    precision: Precision = "auto"
+    """auto: bf16 autocast where the device has it, fp16 with loss scaling on older GPUs, else fp32."""
+    seed: int = setting(1337, ge=0, lt=1 << 63)
+    """Seeds initialisation, data order and dropout."""
+    compile: bool | None = setting(None, on_resume=FREE)
+    """torch.compile the transformer blocks and the loss kernel. Default: on for CPU and CUDA runs
+    holding at least a minute of model FLOPs at the device's matmul peak, where it repays its
+    compile time; decided once and kept by every resume."""
+    eval_interval: int = setting(250, ge=1, on_resume=FREE)
+    """Evaluate on the validation split every this many steps (and at step 0 and at the end)."""
+    eval_batches: int | None = setting(None, ge=1, on_resume=FREE)
+    """Cap on validation micro-batches per evaluation (default: the whole split)."""
+    save_interval: int = setting(250, ge=1, on_resume=FREE)
+    """Save a checkpoint every this many steps (and at the end, and on SIGINT/SIGTERM)."""
+    keep_checkpoints: int = setting(3, ge=1, on_resume=FREE)
+    """How many of the newest checkpoints to keep."""
+    log_interval: int = setting(10, ge=1, on_resume=FREE)
+    """Write a step line to metrics.jsonl every this many steps."""
+
+
+SECTIONS: dict[str, type] = {"dataset": DataConfig, "optim": OptimConfig, "memory": MemoryConfig,
+                             "run": RunConfig}
+
+
+@dataclass(frozen=True)
+class TrainConfig(Validated):
+    """Everything a training run needs. The defaults are the original project's recipe."""
+
+    preset: str = "gpt2-125m"
+    """Model preset: gpt2-125m or tiny."""
+    model: Mapping[str, Any] = setting(default_factory=dict)
+    """Overrides of single ModelConfig fields on top of the preset, e.g. {n_layer: 6}."""
+    dataset: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def check(self) -> None:
+        self.model_config()  # the preset exists and the overrides fit it
+        if self.memory.low_memory and self.run.precision == "fp16":
             raise ConfigError("--low-memory keeps gradients in bf16 and cannot be combined with --precision fp16")
-        if self.full_checkpoint_blocks < 0:
-            raise ConfigError(f"--full-checkpoint-blocks must not be negative, got {self.full_checkpoint_blocks}")
-        for name, choices in (("batching", BATCHING_CHOICES), ("device", DEVICE_CHOICES),
-                              ("precision", PRECISION_CHOICES), ("checkpointing", CHECKPOINTING_CHOICES)):
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"--{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
-        model_preset(self.preset)
-        self.model_config()  # validates the overrides
 
     def model_config(self) -> ModelConfig:
         base = model_preset(self.preset)
-        known = {f.name for f in fields(ModelConfig)}
-        unknown = set(self.model) - known
+        if not isinstance(self.model, Mapping):
+            raise ConfigError(f"model: must be a mapping of ModelConfig fields, got {self.model!r}")
+        unknown = set(self.model) - {f.name for f in fields(ModelConfig)}
         if unknown:
             raise ConfigError(f"unknown model field(s) in config: {', '.join(sorted(unknown))}")
-        return dataclasses.replace(base, **self.model)
+        hints = type_hints(ModelConfig)
+        return dataclasses.replace(base, **{k: coerce(v, hints[k]) for k, v in self.model.items()})
 
     def resolved_out_dir(self) -> Path:
-        return Path(self.out_dir) if self.out_dir else Path("runs") / self.preset
+        return Path(self.run.out_dir) if self.run.out_dir else Path("runs") / self.preset
 
     def to_dict(self) -> dict[str, Any]:
+        """Nested, as config.json and YAML files hold it."""
         return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Every leaf field by its (unique) name, plus ``preset`` and ``model``."""
+        out: dict[str, Any] = {"preset": self.preset, "model": dict(self.model)}
+        for section in SECTIONS:
+            out.update(dataclasses.asdict(getattr(self, section)))
+        return out
+
+    def replace(self, **flat: Any) -> "TrainConfig":
+        """A copy with leaf fields changed by name: ``cfg.replace(batch_size=2, lr=1e-3)``."""
+        return config_from_flat({**self.flat(), **flat})
+
+
+def leaf_fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Leaf field name -> (its section, the field)."""
+    return {f.name: (section, f) for section, cls in SECTIONS.items() for f in fields(cls)}
+
+
+_LEAVES = leaf_fields()
+assert len(_LEAVES) == sum(len(fields(c)) for c in SECTIONS.values()), "leaf field names must be unique"
+TOP_LEVEL = {"preset", "model"}
+
+
+def on_resume(name: str) -> str:
+    if name in _LEAVES:
+        return _LEAVES[name][1].metadata.get("on_resume", FIXED)
+    return FIXED
+
+
+def config_from_flat(values: Mapping[str, Any]) -> TrainConfig:
+    """A ``TrainConfig`` from leaf names (and ``preset``/``model``); unknown names are refused."""
+    unknown = sorted(set(values) - set(_LEAVES) - TOP_LEVEL)
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+    per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for name, value in values.items():
+        if name in _LEAVES:
+            section, _ = _LEAVES[name]
+            per_section[section][name] = coerce(value, type_hints(SECTIONS[section])[name])
+    top = {k: values[k] for k in TOP_LEVEL if k in values}
+    if "preset" in top:
+        check_value("preset", top["preset"], str)
+    try:
+        built = {s: SECTIONS[s](**kw) for s, kw in per_section.items()}
+        return TrainConfig(**top, **built)
+    except TypeError as exc:  # pragma: no cover - names are checked above
+        raise ConfigError(f"bad config: {exc}") from None
+
+
+def flatten_settings(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """YAML's keys to leaf names: sections (``optim: {lr: ...}``) or flat keys (``lr: ...``)."""
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in SECTIONS and isinstance(value, Mapping):
+            names = {f.name for f in fields(SECTIONS[key])}
+            unknown = sorted(set(value) - names)
+            if unknown:
+                raise ConfigError(f"unknown field(s) in {where}, section {key}: {', '.join(map(str, unknown))}")
+            flat.update(value)
+        elif key in _LEAVES or key in TOP_LEVEL:
+            flat[key] = value
+        else:
+            raise ConfigError(f"unknown field(s) in {where}: {key}")
+    return flat
+
+
+def config_from_dict(saved: Mapping[str, Any]) -> TrainConfig:
+    """A config as ``to_dict`` wrote it (or the flat form of earlier pocketlm versions)."""
+    return config_from_flat(flatten_settings(saved, "the saved config"))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -196,6 +436,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if raw is None:
@@ -205,15 +447,24 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def given_settings(yaml_path: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """The settings a user gave: the YAML file's, then explicit overrides (None: not given).
+    Model fields may be given flat too (``n_layer=6``); they go into ``model``."""
+    values = flatten_settings(load_yaml(yaml_path), str(yaml_path)) if yaml_path else {}
+    model = dict(values.pop("model", None) or {})
+    model_fields = {f.name for f in fields(ModelConfig)}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in model_fields:
+            model[key] = value
+        else:
+            values[key] = value
+    if model:
+        values["model"] = model
+    return values
+
+
 def build_train_config(yaml_path: str | Path | None = None, **overrides: Any) -> TrainConfig:
-    """Preset defaults, then the YAML file, then explicit overrides (None means 'not given')."""
-    values: dict[str, Any] = load_yaml(yaml_path) if yaml_path else {}
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = set(values) - known
-    if unknown:
-        raise ConfigError(f"unknown field(s) in {yaml_path}: {', '.join(sorted(unknown))}")
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return TrainConfig(**values)
-    except TypeError as exc:
-        raise ConfigError(f"bad config: {exc}") from None
+    """Defaults, then the YAML file, then explicit overrides (None means 'not given')."""
+    return config_from_flat(given_settings(yaml_path, **overrides))

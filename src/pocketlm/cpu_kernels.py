@@ -1,7 +1,8 @@
 """Kernels for compiled training on a CPU, where ``torch.compile``'s defaults are slow.
 
-Each one is used only inside a CPU ``torch.compile`` graph in training (see ``in_compiled_cpu_training``);
-eager code and GPUs keep PyTorch's own ops. ``benchmarks/cpu_kernels.py`` times each against the
+``parallelize.apply_cpu_kernels`` swaps the modules below into a model for a compiled CPU run.
+Each uses its kernel only inside a CPU ``torch.compile`` graph in training (see
+``in_compiled_cpu_training``); eager code and GPUs keep PyTorch's own ops. ``benchmarks/cpu_kernels.py`` times each against the
 op it replaces (docs/benchmarks.md, CPU kernels).
 
 * ``Dropout``: inductor draws every CPU random number with a scalar Philox call, and draws each
@@ -20,6 +21,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from pocketlm.model import ScaledDotProductAttention
 
 _GELU_TANH_SCALE = math.sqrt(2.0 / math.pi)
 BACKWARD_QUERY_CHUNKS = 4  # the fastest of 1, 2, 4 and 8 at gpt2-125m's shapes (benchmarks/cpu_kernels.py)
@@ -75,6 +78,27 @@ class Dropout(nn.Dropout):
         if self.p > 0 and in_compiled_cpu_training(x, self.training):
             return hashed_dropout(x, self.p)
         return super().forward(x)
+
+
+class GELUTanh(nn.GELU):
+    """``nn.GELU(approximate="tanh")`` computed by ``gelu_tanh``."""
+
+    def __init__(self) -> None:
+        super().__init__(approximate="tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu_tanh(x)
+
+
+class BandedAttention(ScaledDotProductAttention):
+    """The model's attention, by ``CpuAttention`` inside compiled CPU training (without
+    attention-probability dropout, which only SDPA provides)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool) -> torch.Tensor:
+        if in_compiled_cpu_training(q, self.training) and not self.dropout and q.size(-2) == k.size(-2):
+            return CpuAttention.apply(q, k, v, mask)
+        return super().forward(q, k, v, mask, is_causal)
 
 
 class CpuAttention(torch.autograd.Function):

@@ -9,12 +9,16 @@ inputs are ``slice[:-1]`` and targets ``slice[1:]``, so no target ever crosses a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import re
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -131,6 +135,18 @@ def load_corpus(spec: str | None, val_fraction: float = 0.1) -> Corpus:
     raise DataError(f"--data {spec}: file or directory not found (for a Hub dataset use hf:NAME)")
 
 
+def check_source(spec: str) -> None:
+    """A quick check of a local ``--data`` source (exists, is readable text), before anything else
+    is judged; Hub sources are checked when they load."""
+    if spec.startswith("hf:"):
+        return
+    path = Path(spec).expanduser()
+    if path.is_file():
+        read_text(path)
+    elif not path.is_dir():
+        raise DataError(f"--data {spec}: file or directory not found (for a Hub dataset use hf:NAME)")
+
+
 def load_wikitext_dir(path: Path) -> Corpus:
     splits = {}
     for split, name in WIKITEXT_FILES.items():
@@ -150,19 +166,64 @@ def load_text_dir(path: Path, val_fraction: float) -> Corpus:
     return Corpus({"train": train, "validation": val}, f"{len(files)} text files in {path}")
 
 
+HUB_PROBE_SECONDS = 3.0
+OFFLINE_ADVICE = "pass --data PATH (a text file, a folder of .txt files, or a WikiText folder with wiki.train.raw)"
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to the Hub's endpoint opens within ``timeout`` seconds. Without
+    this, an offline machine waits through the Hub client's retries (half a minute and a dozen
+    lines) before failing."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname or "", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """``datasets`` and ``huggingface_hub`` in offline mode: only what is in the local cache."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = (constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE"))
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved[0], saved[1]
+        if saved[2] is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved[2]
+
+
 def load_hub_corpus(name_and_config: str, val_fraction: float) -> Corpus:
     """A Hugging Face dataset with a ``text`` column. WikiText rows are lines and are joined back
-    into articles; any other dataset's rows are documents."""
+    into articles; any other dataset's rows are documents. With the Hub out of reach only the
+    local cache is tried, so an offline machine gets its one-line error within seconds."""
     name, _, config = name_and_config.partition(":")
+    label = f"{name}{':' + config if config else ''}"
+    online = hub_reachable()
     try:
         import datasets  # slow to import; only this source needs it
 
-        dataset = datasets.load_dataset(name, config or None)
+        with contextlib.nullcontext() if online else hub_offline():
+            dataset = datasets.load_dataset(name, config or None)
     except Exception as exc:  # offline, unknown name, bad config: all one line for the user
+        if not online:
+            raise DataError(f"cannot load Hub dataset {label}: the Hugging Face Hub is out of reach (no network?) "
+                            f"and the dataset is not in the local cache; {OFFLINE_ADVICE}") from None
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"cannot load Hub dataset {name}{':' + config if config else ''} ({reason}); "
-                        "if offline, pass --data PATH (a text file, a folder of .txt files, "
-                        "or a WikiText folder with wiki.train.raw)") from None
+        raise DataError(f"cannot load Hub dataset {label} ({reason}); if offline, {OFFLINE_ADVICE}") from None
     splits: dict[str, list[str]] = {}
     wikitext = False
     for split in ("train", "validation", "test"):

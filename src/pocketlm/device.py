@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from pocketlm.config import Device, Precision, check_value
 from pocketlm.errors import ConfigError
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -25,32 +26,33 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ConfigError("--device cuda: no CUDA GPU is available (try --device auto)")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError("--device mps: Apple MPS is not available (try --device auto)")
-    if name not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device must be auto, cpu, cuda or mps; got {name!r}")
+    check_value("device", name, Device)
     return torch.device(name)
+
+
+def native_bf16_in(cpuinfo: str) -> bool:
+    """Whether a ``/proc/cpuinfo`` text lists AVX512-BF16 or AMX-BF16 among the first CPU's flags."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return bool(set(line.split(":", 1)[1].split()) & {"avx512_bf16", "amx_bf16"})
+    return False
 
 
 @lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: the CPU multiplies bf16 natively, so autocast pays off."""
+    """AVX512-BF16 or AMX: the CPU multiplies bf16 natively, so autocast pays off (without them
+    PyTorch emulates bf16 products, hundreds of times slower than fp32)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        return native_bf16_in(Path("/proc/cpuinfo").read_text())
     except OSError:
         return False
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-            break
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
     """``auto``: bf16 autocast where the hardware has it, fp16 with loss scaling on older GPUs,
     otherwise fp32. An explicit value is used as given."""
     if name != "auto":
-        if name not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16; got {name!r}")
+        check_value("precision", name, Precision)
         if name == "fp16" and device.type == "cpu":
             raise ConfigError("--precision fp16 needs a GPU; use bf16 or fp32 on a CPU")
         return name

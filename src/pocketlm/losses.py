@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 32 MiB in fp32 (128 tokens of GPT-2's vocabulary)
@@ -79,7 +81,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
                 chunk_tokens: int, weight_grad_sink: Callable[[torch.Tensor], None] | None,
-                compiled: bool) -> torch.Tensor:
+                compiled: bool, accumulate_grad: bool) -> torch.Tensor:
         dtype = _compute_dtype(hidden.device.type, hidden.dtype)
         need_grads = any(ctx.needs_input_grad[:2])
         softmax_grad = _softmax_grad_compiled if compiled else _softmax_grad_in_place
@@ -108,10 +110,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         if grad_weight is None:  # no tokens at all
             grad_weight = torch.zeros_like(w)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.hidden_dtype = hidden.dtype
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         # A tied weight's gradient would otherwise wait, cast to fp32, in autograd's buffer
         # until the embedding's share arrives at the end of backward (154 MB on gpt2-125m).
-        ctx.accumulate_into = weight if weight.is_leaf and weight.requires_grad else None
+        ctx.accumulate_into = weight if accumulate_grad and weight.is_leaf and weight.requires_grad else None
         ctx.weight_grad_sink = weight_grad_sink
         return loss
 
@@ -123,7 +125,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         weight = ctx.accumulate_into
         grad_weight.mul_(grad_loss)
         if weight is None:
-            return grad_hidden.to(ctx.hidden_dtype), grad_weight, None, None, None, None
+            return grad_hidden.to(ctx.hidden_dtype), grad_weight.to(ctx.weight_dtype), None, None, None, None, None
         # Gradient-accumulation fusion (as in Megatron-LM): add straight into .grad, or into
         # the buffer a low-memory optimizer keeps instead.
         if ctx.weight_grad_sink is not None:
@@ -132,13 +134,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             weight.grad = grad_weight.to(weight.dtype)
         else:
             weight.grad.add_(grad_weight)
-        return grad_hidden.to(ctx.hidden_dtype), None, None, None, None, None
+        return grad_hidden.to(ctx.hidden_dtype), None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                chunk_tokens: int | None = None,
                                weight_grad_sink: Callable[[torch.Tensor], None] | None = None,
-                               compiled: bool = False) -> torch.Tensor:
+                               compiled: bool = False, accumulate_grad: bool = True) -> torch.Tensor:
     """Summed NLL of ``softmax(hidden @ weight.T)`` at ``targets`` (IGNORE_INDEX skipped).
 
     ``hidden`` is (..., C), ``targets`` (...). Equal to ``token_nll_sum(hidden @ weight.T, targets)``
@@ -147,10 +149,70 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     use ``.backward()`` rather than ``torch.autograd.grad`` for it; ``weight_grad_sink``, if
     given, receives that gradient instead. ``compiled`` runs the softmax and its gradient
     through ``torch.compile``; with no fp32 copy of the chunk, chunks can be twice as long
-    for the same memory, which halves the passes over the weight gradient.
+    for the same memory, which halves the passes over the weight gradient. ``accumulate_grad=False``
+    returns the weight's gradient through autograd instead (data parallelism needs to see it).
     """
     h = hidden.reshape(-1, hidden.size(-1))
     t = targets.reshape(-1)
     if chunk_tokens is None:
         chunk_tokens = max(1, CHUNK_ELEMENTS * (2 if compiled else 1) // weight.size(0))
-    return _FusedLinearCrossEntropy.apply(h, weight, t, chunk_tokens, weight_grad_sink, compiled)
+    return _FusedLinearCrossEntropy.apply(h, weight, t, chunk_tokens, weight_grad_sink, compiled, accumulate_grad)
+
+
+@torch.no_grad()
+def chunked_token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                      chunk_tokens: int | None = None) -> torch.Tensor:
+    """Per-target NLL of ``softmax(hidden @ weight.T)`` in fp32, shaped like ``targets`` (0 where
+    IGNORE_INDEX), one chunk of logits at a time: evaluation needs no more memory than training."""
+    h = hidden.reshape(-1, hidden.size(-1))
+    t = targets.reshape(-1)
+    chunk_tokens = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.size(0))
+    dtype = _compute_dtype(h.device.type, h.dtype)
+    w = weight.to(dtype)
+    out = torch.empty(t.shape, dtype=torch.float32, device=h.device)
+    with torch.autocast(h.device.type, enabled=False):
+        for start in range(0, h.size(0), chunk_tokens):
+            logits = (h[start:start + chunk_tokens].to(dtype) @ w.t()).float()  # (n, V)
+            out[start:start + chunk_tokens] = F.cross_entropy(logits, t[start:start + chunk_tokens],
+                                                              ignore_index=IGNORE_INDEX, reduction="none")
+    return out.view(targets.shape)
+
+
+def token_nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed negative log-likelihood over targets that are not IGNORE_INDEX, computed in fp32:
+    the plain (unfused) computation, the reference for the fused one.
+
+    Summing (not averaging) lets the trainer divide by the real-token count of the whole
+    optimizer step, so gradient accumulation gives exactly the loss of one big batch.
+    """
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+class NextTokenLoss(nn.Module):
+    """The training objective: summed NLL of a batch's targets, the model's hidden states run
+    through the fused output layer. A module, so that data parallelism can wrap the whole
+    computation (its hooks see the forward pass).
+
+    ``weight_grad_sink(param, grad)`` receives the output weight's gradient instead of ``.grad``
+    (the low-memory optimizer's buffers); ``accumulate_grad=False`` sends it through autograd.
+    """
+
+    def __init__(self, model: nn.Module, *, compiled: bool = False,
+                 weight_grad_sink: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+                 accumulate_grad: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.compiled = compiled
+        self.weight_grad_sink = weight_grad_sink
+        self.accumulate_grad = accumulate_grad
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.model.hidden_states(input_ids, position_ids=position_ids, segment_ids=segment_ids)  # (B, T, C)
+        weight = self.model.lm_head.weight
+        sink = None
+        if self.weight_grad_sink is not None:
+            sink = lambda grad: self.weight_grad_sink(weight, grad)  # noqa: E731
+        return fused_linear_cross_entropy(h, weight, targets, weight_grad_sink=sink, compiled=self.compiled,
+                                          accumulate_grad=self.accumulate_grad)

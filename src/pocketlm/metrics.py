@@ -41,6 +41,10 @@ class MetricsLog:
     def console(message: str) -> None:
         tqdm.write(message, file=sys.stderr)
 
+    @staticmethod
+    def warn(message: str) -> None:
+        tqdm.write(f"pocketlm: warning: {message}", file=sys.stderr)
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:

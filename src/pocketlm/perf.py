@@ -65,6 +65,32 @@ def measure_matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype =
             return 2.0 * size ** 3 * calls / elapsed
 
 
+# A CPU whose threads multiply at less than this share of (threads x one thread's rate) is
+# taken to be shared: other processes hold some of its cores.
+BUSY_CPU_SCALING = 0.5
+
+
+def busy_cpu_warning(all_threads_flops: float, one_thread_flops: float, threads: int) -> str | None:
+    """A warning when ``threads`` threads multiply far slower than ``threads`` times one thread:
+    other processes hold the cores, and this run (and its tokens/s) will be slower than the
+    machine can do."""
+    if threads <= 1 or all_threads_flops >= BUSY_CPU_SCALING * threads * one_thread_flops:
+        return None
+    return (f"the CPU is busy: {threads} threads multiply at {all_threads_flops / 1e9:.0f} GFLOP/s, "
+            f"{all_threads_flops / (threads * one_thread_flops):.0%} of {threads} x one thread's "
+            f"{one_thread_flops / 1e9:.0f} GFLOP/s; other processes seem to hold cores, so this run will be slower "
+            "than the machine allows")
+
+
+def one_thread_matmul_peak(dtype: torch.dtype, min_seconds: float = 0.1) -> float:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return measure_matmul_peak("cpu", dtype, size=512, min_seconds=min_seconds)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def known_peak_flops(device: torch.device) -> float | None:
     """The datasheet bf16 peak of a known CUDA GPU, else None."""
     if device.type != "cuda":
