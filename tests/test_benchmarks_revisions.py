@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,8 +19,13 @@ def test_same_tree_twice_is_the_same_trainer(tmp_path: Path, wiki_valid_path: Pa
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench
     spec.loader.exec_module(bench)
-    rc = bench.main([str(REPO), str(REPO), "--preset", "tiny", "--batch-size", "2", "--steps", "3", "--rounds", "1",
-                     "--threads", "1", "--data", str(wiki_valid_path), "--json-out", str(tmp_path / "r.json")])
+    threads = torch.get_num_threads()
+    try:
+        rc = bench.main([str(REPO), str(REPO), "--preset", "tiny", "--batch-size", "2", "--steps", "3",
+                         "--rounds", "1", "--threads", "1", "--data", str(wiki_valid_path),
+                         "--json-out", str(tmp_path / "r.json")])
+    finally:
+        torch.set_num_threads(threads)  # --threads sets this process's count too
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert result == json.loads((tmp_path / "r.json").read_text())

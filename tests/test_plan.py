@@ -41,8 +41,8 @@ def test_plan_is_a_pure_function_of_config_machine_and_data():
     assert by_epochs.total_steps == 2 * by_epochs.steps_per_epoch
     assert make_plan(tiny(low_memory=True), CPU, LENGTHS).checkpointing == "full"
     assert a.tokenizer == "gpt2" and make_plan(cfg, CPU, LENGTHS, tokenizer="mine").tokenizer == "mine"
-    older = {k: v for k, v in a.to_dict().items() if k not in ("tokenizer", "predicted_peak_bytes")}
-    assert RunPlan.from_dict(older) == a  # a plan written before these fields existed still reads
+    older = {k: v for k, v in a.to_dict().items() if k not in ("tokenizer", "predicted_peak_bytes", "cpu_threads")}
+    assert RunPlan.from_dict(older) == dataclasses.replace(a, cpu_threads=None)  # an earlier plan still reads
 
 
 def test_compile_follows_the_work_at_the_measured_peak():
@@ -96,7 +96,11 @@ def test_kill_dash_nine_then_resume_on_a_slower_machine_keeps_the_plan(tmp_path,
     assert not next(r for r in straight.history if r["event"] == "start")["compiled"]
 
     run = tmp_path / "killed"
-    env = dict(os.environ, POCKETLM_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    import torch
+
+    # the same thread count as this process: it sets how reductions split (see the next test)
+    env = dict(os.environ, POCKETLM_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS=str(torch.get_num_threads()))
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, "--out-dir", str(run)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -113,5 +117,44 @@ def test_kill_dash_nine_then_resume_on_a_slower_machine_keeps_the_plan(tmp_path,
     resumed = train(cfg.replace(out_dir=str(run)), show_progress=False)
     start = [r for r in resumed.history if r["event"] == "start"][-1]
     assert start["start_step"] > 0 and start["compiled"] is False
+    assert (resumed.final_checkpoint / "model.safetensors").read_bytes() == \
+        (straight.final_checkpoint / "model.safetensors").read_bytes()
+
+
+def test_resume_runs_with_the_runs_own_thread_count(tmp_path, corpus_file):
+    """The CPU thread count sets how reductions split: a resume in a process with another count
+    takes the run's own (and says so), so it ends bit-identical."""
+    import torch
+
+    from pocketlm.train import train
+
+    cfg = build_train_config(None, preset="tiny", model=dict(n_layer=1, n_embd=64, n_head=2, block_size=64),
+                             data=str(corpus_file), max_steps=4, save_interval=2, eval_interval=4, eval_batches=1,
+                             batch_size=2, grad_accum=2, precision="fp32", device="cpu", seed=5, compile=False,
+                             cache_dir=str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    target = 2 if threads != 2 else 1
+    try:
+        torch.set_num_threads(target)
+        straight = train(cfg.replace(out_dir=str(tmp_path / "straight")), show_progress=False)
+
+        class Crash(Exception):
+            pass
+
+        def crash_at_2(step: int) -> None:
+            if step == 2:
+                raise Crash
+
+        with pytest.raises(Crash):
+            train(cfg.replace(out_dir=str(tmp_path / "run")), on_step=crash_at_2, show_progress=False)
+        torch.set_num_threads(3 - target)  # the other count
+        seen = []
+        resumed = train(cfg.replace(out_dir=str(tmp_path / "run")), on_step=lambda s: seen.append(torch.get_num_threads()),
+                        show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [target, target]
+    notes = [r["message"] for r in resumed.history if r["event"] == "note"]
+    assert any(f"the run's {target} torch threads" in n for n in notes)
     assert (resumed.final_checkpoint / "model.safetensors").read_bytes() == \
         (straight.final_checkpoint / "model.safetensors").read_bytes()

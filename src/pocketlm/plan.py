@@ -113,6 +113,9 @@ class RunPlan:
     """The planner's prediction, when ``--vram`` fitted the settings."""
     tokenizer: str = "gpt2"
     """The tokenizer the run's data was encoded with."""
+    cpu_threads: int | None = None
+    """torch's intra-op threads on a CPU run. The thread count sets how reductions split, so a
+    resume runs with the run's own count to stay bit-identical."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,7 +123,7 @@ class RunPlan:
     @classmethod
     def from_dict(cls, saved: Mapping[str, Any]) -> "RunPlan":
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(saved) - {"predicted_peak_bytes", "tokenizer"}  # both optional
+        missing = names - set(saved) - {"predicted_peak_bytes", "tokenizer", "cpu_threads"}  # added later
         if missing:
             raise ConfigError(f"the saved run plan lacks {', '.join(sorted(missing))}")
         return cls(**{k: v for k, v in saved.items() if k in names})
@@ -175,7 +178,8 @@ def make_plan(cfg: TrainConfig, machine: Machine, train_lengths: np.ndarray, tok
                    checkpointing=checkpointing, full_checkpoint_blocks=full_blocks, low_memory=low_memory,
                    steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup, compiled=compiled,
                    flops_per_token=fpt, tokens_per_step=tokens_per_step, peak_flops=machine.peak_flops,
-                   peak_flops_source=machine.peak_flops_source, predicted_peak_bytes=predicted, tokenizer=tokenizer)
+                   peak_flops_source=machine.peak_flops_source, predicted_peak_bytes=predicted, tokenizer=tokenizer,
+                   cpu_threads=torch.get_num_threads() if torch.device(machine.device).type == "cpu" else None)
 
 
 def resume_plan(saved: RunPlan, saved_cfg: TrainConfig, cfg: TrainConfig,
@@ -187,10 +191,15 @@ def resume_plan(saved: RunPlan, saved_cfg: TrainConfig, cfg: TrainConfig,
         compiled = should_compile(cfg.run.compile, torch.device(machine.device).type, work_seconds_at_peak(
             saved.total_steps, saved.tokens_per_step, saved.flops_per_token, machine.peak_flops))
         changes.update(device=machine.device, precision=machine.precision, compiled=compiled,
-                       peak_flops=machine.peak_flops, peak_flops_source=machine.peak_flops_source)
+                       peak_flops=machine.peak_flops, peak_flops_source=machine.peak_flops_source,
+                       cpu_threads=torch.get_num_threads() if torch.device(machine.device).type == "cpu" else None)
         notes.append(f"resumed on {machine.device} (the run started on {saved.device}): device, precision and "
                      "compile re-planned; the result is no longer bit-identical to an uninterrupted run")
-    elif cfg.run.compile is not None and cfg.run.compile != saved.compiled:
+    elif saved.cpu_threads and torch.get_num_threads() != saved.cpu_threads:
+        notes.append(f"running with the run's {saved.cpu_threads} torch threads (this process had "
+                     f"{torch.get_num_threads()}), so that the resume stays bit-identical")
+    if torch.device(machine.device).type == torch.device(saved.device).type and \
+            cfg.run.compile is not None and cfg.run.compile != saved.compiled:
         changes["compiled"] = cfg.run.compile
         notes.append(f"{'--compile' if cfg.run.compile else '--no-compile'} given: compile "
                      f"{'on' if cfg.run.compile else 'off'} from here (the plan had it "

@@ -235,6 +235,8 @@ def build_state(cfg: TrainConfig, plan: RunPlan, train_lengths: np.ndarray) -> t
     """The model as the plan says to train it, its optimizer and objective, and fresh progress.
     Seeds torch first: the initial weights (and the first dropout masks) follow from the seed."""
     device = torch.device(plan.device)
+    if plan.cpu_threads and torch.get_num_threads() != plan.cpu_threads:
+        torch.set_num_threads(plan.cpu_threads)
     torch.manual_seed(cfg.run.seed)
     model = GPT(cfg.model_config()).to(device)
     prepare_model(model, device_type=device.type, compiled=plan.compiled, checkpointing=plan.checkpointing,
