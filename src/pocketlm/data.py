@@ -117,6 +117,10 @@ def hold_out(docs: list[str], val_fraction: float, what: str) -> tuple[list[str]
 # Sources
 
 
+def source_not_found(spec: str) -> DataError:
+    return DataError(f"--data {spec}: file or directory not found (for a Hub dataset use hf:NAME)")
+
+
 def load_corpus(spec: str | None, val_fraction: float = 0.1) -> Corpus:
     """Resolve ``--data``: a WikiText dir, a text file, a dir of .txt files, or ``hf:NAME[:CONFIG]``."""
     spec = spec or DEFAULT_HUB_DATASET
@@ -132,7 +136,7 @@ def load_corpus(spec: str | None, val_fraction: float = 0.1) -> Corpus:
         wikitext = looks_like_wikitext(text)
         train, val = hold_out(split_documents(text), val_fraction, str(path))
         return Corpus({"train": train, "validation": val}, f"file {path}", wikitext)
-    raise DataError(f"--data {spec}: file or directory not found (for a Hub dataset use hf:NAME)")
+    raise source_not_found(spec)
 
 
 def check_source(spec: str) -> None:
@@ -144,7 +148,7 @@ def check_source(spec: str) -> None:
     if path.is_file():
         read_text(path)
     elif not path.is_dir():
-        raise DataError(f"--data {spec}: file or directory not found (for a Hub dataset use hf:NAME)")
+        raise source_not_found(spec)
 
 
 def load_wikitext_dir(path: Path) -> Corpus:

@@ -50,6 +50,8 @@ class Machine:
     """The ``--vram`` budget in bytes (``auto``: free GPU memory now), if one was asked for."""
     warning: str | None = None
     """Something the user should know about the machine (a CPU busy with other work)."""
+    cpu_threads: int | None = None
+    """torch's intra-op threads now, on a CPU."""
 
 
 def device_peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]:
@@ -81,11 +83,12 @@ def probe_machine(cfg: TrainConfig, *, measure_peak: bool = True) -> Machine:
     device = resolve_device(cfg.run.device)
     precision = resolve_precision(cfg.run.precision, device)
     peak, source = device_peak_flops(device, precision) if measure_peak else (None, "not measured")
+    threads = torch.get_num_threads() if device.type == "cpu" else None
     warning = None
-    if device.type == "cpu" and peak is not None and source.startswith("measured"):
+    if threads is not None and peak is not None and source.startswith("measured"):
         dtype = {"bf16": torch.bfloat16}.get(precision, torch.float32)
-        warning = busy_cpu_warning(peak, one_thread_matmul_peak(dtype), torch.get_num_threads())
-    return Machine(str(device), precision, peak, source, memory_budget(cfg.memory.vram, device), warning)
+        warning = busy_cpu_warning(peak, one_thread_matmul_peak(dtype), threads)
+    return Machine(str(device), precision, peak, source, memory_budget(cfg.memory.vram, device), warning, threads)
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,7 @@ def make_plan(cfg: TrainConfig, machine: Machine, train_lengths: np.ndarray, tok
                    steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup, compiled=compiled,
                    flops_per_token=fpt, tokens_per_step=tokens_per_step, peak_flops=machine.peak_flops,
                    peak_flops_source=machine.peak_flops_source, predicted_peak_bytes=predicted, tokenizer=tokenizer,
-                   cpu_threads=torch.get_num_threads() if torch.device(machine.device).type == "cpu" else None)
+                   cpu_threads=machine.cpu_threads)
 
 
 def resume_plan(saved: RunPlan, saved_cfg: TrainConfig, cfg: TrainConfig,
@@ -192,18 +195,18 @@ def resume_plan(saved: RunPlan, saved_cfg: TrainConfig, cfg: TrainConfig,
             saved.total_steps, saved.tokens_per_step, saved.flops_per_token, machine.peak_flops))
         changes.update(device=machine.device, precision=machine.precision, compiled=compiled,
                        peak_flops=machine.peak_flops, peak_flops_source=machine.peak_flops_source,
-                       cpu_threads=torch.get_num_threads() if torch.device(machine.device).type == "cpu" else None)
+                       cpu_threads=machine.cpu_threads)
         notes.append(f"resumed on {machine.device} (the run started on {saved.device}): device, precision and "
                      "compile re-planned; the result is no longer bit-identical to an uninterrupted run")
-    elif saved.cpu_threads and torch.get_num_threads() != saved.cpu_threads:
-        notes.append(f"running with the run's {saved.cpu_threads} torch threads (this process had "
-                     f"{torch.get_num_threads()}), so that the resume stays bit-identical")
-    if torch.device(machine.device).type == torch.device(saved.device).type and \
-            cfg.run.compile is not None and cfg.run.compile != saved.compiled:
-        changes["compiled"] = cfg.run.compile
-        notes.append(f"{'--compile' if cfg.run.compile else '--no-compile'} given: compile "
-                     f"{'on' if cfg.run.compile else 'off'} from here (the plan had it "
-                     f"{'on' if saved.compiled else 'off'})")
+    else:
+        if saved.cpu_threads and machine.cpu_threads != saved.cpu_threads:
+            notes.append(f"running with the run's {saved.cpu_threads} torch threads (this process had "
+                         f"{machine.cpu_threads}), so that the resume stays bit-identical")
+        if cfg.run.compile is not None and cfg.run.compile != saved.compiled:
+            changes["compiled"] = cfg.run.compile
+            notes.append(f"{'--compile' if cfg.run.compile else '--no-compile'} given: compile "
+                         f"{'on' if cfg.run.compile else 'off'} from here (the plan had it "
+                         f"{'on' if saved.compiled else 'off'})")
     if not saved.low_memory:
         if cfg.memory.checkpointing != saved_cfg.memory.checkpointing:
             changes["checkpointing"] = cfg.memory.checkpointing

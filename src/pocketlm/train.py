@@ -206,11 +206,14 @@ class Run:
 def check_finite_weights(model: torch.nn.Module, step: int, last_good: Path | None) -> None:
     norms = torch.stack([torch.linalg.vector_norm(p.detach().float()) for p in model.parameters()])
     if not bool(torch.isfinite(norms).all()):
-        raise TrainingError(f"weights became non-finite at step {step}; nothing was saved "
-                            f"(last good checkpoint: {last_good or 'none'}); {NON_FINITE_ADVICE}")
+        raise non_finite(f"weights became non-finite at step {step}", last_good)
 
 
-NON_FINITE_ADVICE = "start a new run (--out-dir NEW) with a lower --lr, or with --precision fp32"
+def non_finite(what: str, last_good: Path | None) -> TrainingError:
+    """The one-line error of a run whose numbers stopped being finite: nothing from that step is
+    saved, so it names the checkpoint to fall back on and what to change."""
+    return TrainingError(f"{what}; nothing was saved (last good checkpoint: {last_good or 'none'}); "
+                         "start a new run (--out-dir NEW) with a lower --lr, or with --precision fp32")
 
 
 def _load_source(cfg: TrainConfig, source: Path) -> tuple[Checkpoint, TrainConfig]:
@@ -356,9 +359,8 @@ def run_loop(run: Run, log: MetricsLog, report: ProgressReporter, signals: list[
             loss, grad_norm, step_tokens = step_halving_on_oom(lambda m: step(m, lr), group, state, run.collate,
                                                                run.device, log)
         except NonFiniteStep as bad:
-            raise TrainingError(f"loss became {bad.loss} (gradient norm {bad.grad_norm}) at step {progress.step + 1}; "
-                                f"nothing was saved (last good checkpoint: {run.last_good() or 'none'}); "
-                                f"{NON_FINITE_ADVICE}") from None
+            raise non_finite(f"loss became {bad.loss} (gradient norm {bad.grad_norm}) at step {progress.step + 1}",
+                             run.last_good()) from None
         progress.step += 1
         progress.tokens_seen += step_tokens
         state.stream.advance(len(group))
@@ -392,7 +394,6 @@ def evaluate_and_log(run: Run, log: MetricsLog, report: ProgressReporter) -> flo
     loss = run.evaluate()
     log.write({"event": "eval", "step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
     if not math.isfinite(loss):
-        raise TrainingError(f"validation loss became {loss} at step {step}; nothing was saved "
-                            f"(last good checkpoint: {run.last_good() or 'none'}); {NON_FINITE_ADVICE}")
+        raise non_finite(f"validation loss became {loss} at step {step}", run.last_good())
     report.message(f"step {step}: val_loss {loss:.4f}, val_ppl {math.exp(min(loss, 50)):.2f}")
     return loss
