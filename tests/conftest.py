@@ -42,6 +42,18 @@ def _isolated_token_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch:
     return cache
 
 
+FIXED_PEAK = (1e12, "fixed by the tests")
+
+
+@pytest.fixture(autouse=True)
+def _fixed_matmul_peak(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every run a test starts would time matrix products for its MFU log and its compile
+    decision (about a second each, and a decision that shifts with the machine's load). Tests get
+    a fixed peak; those marked ``real_peak`` measure, as a user's run does."""
+    if "real_peak" not in request.keywords:
+        monkeypatch.setattr("pocketlm.plan.device_peak_flops", lambda device, precision: FIXED_PEAK)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return _require(DATA_DIR)

@@ -108,6 +108,7 @@ def test_state_loading_refuses_pickled_objects(tmp_path):
     (path / "state.pt").write_bytes(pickle.dumps({"x": Evil()}))
     meta = json.loads((path / "meta.json").read_text())
     meta["files"]["state.pt"] = ckpt_mod._sha256(path / "state.pt")  # a well-formed but hostile file
+    meta["meta_sha256"] = ckpt_mod.meta_digest(meta)  # re-signed by the attacker too
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_checkpoint(path).load_state()

@@ -187,17 +187,17 @@ def _wait_for_checkpoint(proc, run, timeout=120):
 
 
 @pytest.mark.slow
-def test_kill_dash_nine_and_sigterm_then_rerun_gives_identical_weights(tmp_path, corpus_file, small_yaml):
-    """`python train.py` killed with SIGKILL at an arbitrary moment after its first checkpoint, and
-    another stopped with SIGTERM, each re-run with the same command, end bit-identical to an
-    uninterrupted run."""
+def test_sigterm_then_rerun_gives_identical_weights(tmp_path, corpus_file, small_yaml):
+    """`python train.py` stopped with SIGTERM after its first checkpoint saves, says how to resume,
+    and the same command again ends bit-identical to an uninterrupted run. (SIGKILL at chosen and
+    random moments: test_faults.py.)"""
     args = [*SMALL, "--config", small_yaml, "--data", corpus_file, "--max-steps", "12", "--save-interval", "2",
             "--eval-interval", "6"]
     env = _env(tmp_path)
     straight = tmp_path / "straight"
     subprocess.run(_cmd(*args, "--out-dir", straight), env=env, check=True, capture_output=True, timeout=300)
 
-    for sig, expected_code in ((signal.SIGKILL, -signal.SIGKILL), (signal.SIGTERM, 128 + signal.SIGTERM)):
+    for sig, expected_code in ((signal.SIGTERM, 128 + signal.SIGTERM),):
         run = tmp_path / f"run-{sig.name}"
         proc = subprocess.Popen(_cmd(*args, "--out-dir", run), env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)

@@ -117,3 +117,57 @@ def test_weights_that_do_not_fit_raise_one_line_errors() -> None:
     sd["lm_head.weight"] = sd["lm_head.weight"] + 1
     with pytest.raises(CheckpointError, match="ties"):
         from_hf_state_dict(sd, CONFIG)
+
+
+# --------------------------------------------------------------------------------------------
+# config.json dicts and the state dicts of files on disk (pocketlm train --init, pocketlm export)
+
+
+def test_config_json_dict_round_trip_and_refusals() -> None:
+    from pocketlm.hf import hf_config_dict
+
+    raw = hf_config_dict(CONFIG, eot_id=7)
+    assert raw["architectures"] == ["GPT2LMHeadModel"] and raw["bos_token_id"] == raw["eos_token_id"] == 7
+    assert model_config_from_hf(raw) == CONFIG
+    assert transformers.GPT2Config(**raw).n_positions == CONFIG.block_size
+    # keys a config.json may leave out take GPT2Config's defaults
+    minimal = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64, "vocab_size": 99}
+    assert model_config_from_hf(minimal) == ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=99,
+                                                        dropout=0.1, attn_dropout=0.1, layer_norm_eps=1e-5)
+    for change, needle in [({"model_type": "llama"}, "model_type 'llama'"), ({"activation_function": "relu"}, "gelu_new"),
+                           ({"n_inner": 100}, "n_inner"), ({"scale_attn_by_inverse_layer_idx": True}, "scaled"),
+                           ({"n_layer": None}, "does not describe a GPT-2")]:
+        with pytest.raises(CheckpointError, match=needle):
+            model_config_from_hf({**minimal, **change})
+
+
+def test_weights_from_files_with_base_model_names_and_mask_buffers() -> None:
+    """OpenAI's original GPT-2 files name the base model's tensors without ``transformer.`` and
+    carry causal-mask buffers; fp16 files are read as fp32."""
+    from pocketlm.hf import weights_from_hf
+
+    model = random_model()
+    sd = {name.removeprefix("transformer."): t.half() for name, t in to_hf_state_dict(model).items()
+          if name != "lm_head.weight"}
+    sd["h.0.attn.bias"] = torch.ones(1, 1, 32, 32)
+    sd["h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    weights = weights_from_hf(sd, CONFIG)
+    assert set(weights) == set(model.state_dict()) - {"lm_head.weight"}
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    torch.testing.assert_close(weights["transformer.h.1.mlp.c_fc.weight"],
+                               model.transformer.h[1].mlp.c_fc.weight.detach().half().float())
+
+
+def test_tied_and_untied_heads() -> None:
+    from pocketlm.hf import weights_from_hf
+
+    sd = to_hf_state_dict(random_model())
+    assert "lm_head.weight" not in weights_from_hf(sd, CONFIG)  # tied and stored: fine, stored once
+    # declared untied but equal to the embedding: the same function, accepted
+    assert set(weights_from_hf(sd, CONFIG, tied=False)) == set(weights_from_hf(sd, CONFIG))
+    untied = {**sd, "lm_head.weight": sd["lm_head.weight"] + 0.5}
+    with pytest.raises(CheckpointError, match="untied"):
+        weights_from_hf(untied, CONFIG, tied=False)
+    no_head = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    with pytest.raises(CheckpointError, match="not tied .* missing"):
+        weights_from_hf(no_head, CONFIG, tied=False)

@@ -138,6 +138,7 @@ def test_busy_cpu_is_told_once_and_a_quiet_one_not():
     assert warning is not None and "CPU is busy" in warning and "40%" in warning and "100 GFLOP/s" in warning
 
 
+@pytest.mark.real_peak
 def test_trainer_warns_when_its_measured_peak_says_the_cpu_is_busy(monkeypatch, corpus_file, tmp_path):
     from pocketlm import plan as plan_mod
 

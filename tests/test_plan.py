@@ -80,6 +80,7 @@ def test_resume_reads_the_plan_back_and_replans_only_what_may_change():
 
 
 @pytest.mark.slow
+@pytest.mark.real_peak
 def test_kill_dash_nine_then_resume_on_a_slower_machine_keeps_the_plan(tmp_path, corpus_file, monkeypatch):
     """A run killed with SIGKILL after a checkpoint, resumed while the matmul timing says the run
     would now be worth compiling, ends bit-identical to an uninterrupted run: the resume read the

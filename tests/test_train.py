@@ -227,3 +227,95 @@ def test_packed_training_runs_and_logs_no_padding(corpus_file, tmp_path):
                    show_progress=False)
     epoch = next(r for r in result.history if r["event"] == "epoch")
     assert epoch["padded_tokens"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# The best checkpoint and early stopping
+
+
+def scripted_validation(monkeypatch, losses):
+    """Run.evaluate returns these validation losses in turn (the loss curve is the test's input)."""
+    from pocketlm.train import Run
+
+    values = iter(losses)
+    monkeypatch.setattr(Run, "evaluate", lambda self: next(values))
+
+
+def test_early_stopping_keeps_the_best_checkpoint_and_eval_takes_it(corpus_file, tmp_path, monkeypatch, capsys):
+    from pocketlm.checkpoint import best_checkpoint, checkpoint_for_use
+    from pocketlm.cli import main
+
+    scripted_validation(monkeypatch, [5.0, 4.0, 4.5, 4.0, 4.7, 3.0])  # steps 0-5; a tie is no improvement
+    cfg = small_config(corpus_file, tmp_path / "run", tmp_path / "cache", eval_interval=1, save_interval=1,
+                       keep_checkpoints=1, early_stopping=3, max_steps=10)
+    result = train(cfg, show_progress=False)
+    assert result.step == 4  # steps 2, 3, 4 brought no new best
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000001", "step-00000004"]  # best + newest
+    assert best_checkpoint(tmp_path / "run").name == "step-00000001"
+    said = []
+    assert checkpoint_for_use(tmp_path / "run", said.append).name == "step-00000001"
+    assert "best checkpoint" in said[0] and "4.0000" in said[0] and "step-00000004" in said[0]
+    assert checkpoint_for_use(tmp_path / "run" / "checkpoints" / "step-00000004").name == "step-00000004"
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "early_stop"] == [4]
+
+    # the same command again: the run is over, nothing changes
+    again = train(cfg, show_progress=False)
+    assert again.step == 4 and [p.name for p in list_checkpoints(tmp_path / "run")][-1] == "step-00000004"
+    capsys.readouterr()
+    monkeypatch.undo()
+    code = main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(corpus_file)])
+    assert code == 0 and "using the best checkpoint" in capsys.readouterr().err
+
+
+def test_without_early_stopping_the_best_survives_pruning(corpus_file, tmp_path, monkeypatch):
+    from pocketlm.checkpoint import checkpoint_for_use
+
+    scripted_validation(monkeypatch, [5.0, 3.0, 4.0, 4.5, 4.6])
+    cfg = small_config(corpus_file, tmp_path / "run", tmp_path / "cache", eval_interval=1, save_interval=1,
+                       keep_checkpoints=2, max_steps=4)
+    assert train(cfg, show_progress=False).step == 4
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000001", "step-00000003",
+                                                                    "step-00000004"]
+    assert checkpoint_for_use(tmp_path / "run").name == "step-00000001"
+
+
+def test_a_run_never_evaluated_at_a_save_is_used_at_its_latest(corpus_file, tmp_path):
+    from pocketlm.checkpoint import checkpoint_for_use
+
+    cfg = small_config(corpus_file, tmp_path / "run", tmp_path / "cache", eval_interval=100, save_interval=1,
+                       max_steps=2)
+    train(cfg, show_progress=False)  # evaluated at step 0 and at the end (step 2)
+    assert checkpoint_for_use(tmp_path / "run").name == "step-00000002"
+
+
+def test_data_limited_recipe_resumes_bit_identical_and_is_used_by_its_average(corpus_file, tmp_path, capsys):
+    """Muon, warmup-stable-decay and the weight average together: an interrupted run resumes to the
+    same weights, average and losses; validation and `pocketlm eval` read the average."""
+    from pocketlm.checkpoint import load_model
+
+    def cfg(name):
+        return small_config(corpus_file, tmp_path / name, tmp_path / "cache", recipe="data-limited", lr=3e-3)
+
+    straight = train(cfg("straight"), show_progress=False)
+
+    def stop_at_3(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Interrupted):
+        train(cfg("resumed"), on_step=stop_at_3, show_progress=False)
+    resumed = train(cfg("resumed"), show_progress=False)
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert (resumed.final_checkpoint / name).read_bytes() == (straight.final_checkpoint / name).read_bytes()
+    assert step_losses(resumed.out_dir) == step_losses(straight.out_dir)
+    assert resumed.val_loss == straight.val_loss
+
+    ckpt = load_checkpoint(straight.final_checkpoint)
+    assert ckpt.config["train"]["optim"]["optimizer"] == "muon" and ckpt.config["train"]["optim"]["schedule"] == "wsd"
+    said = []
+    model, _, _ = load_model(straight.final_checkpoint, say=said.append)
+    assert "weight average" in said[0]
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in ckpt.average.items())
+    assert not torch.equal(ckpt.average["transformer.h.0.mlp.c_fc.weight"],
+                           ckpt.weights["transformer.h.0.mlp.c_fc.weight"])

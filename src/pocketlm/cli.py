@@ -8,8 +8,10 @@ training save a checkpoint and exit with 128 + the signal number.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import inspect
 import json
+import math
 import sys
 import typing
 from pathlib import Path
@@ -25,10 +27,15 @@ from pocketlm.errors import PocketLMError
 # Typer >= 0.20 vendors its own click; older releases raise the click package's exceptions.
 _USAGE_ERRORS = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
 _EXIT = (click.exceptions.Exit, typer.Exit)
+_DISK_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 _ABORT = (click.exceptions.Abort, typer.Abort)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Train a GPT-2-class model from scratch, evaluate it, generate text.")
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def _print_version(value: bool) -> None:
@@ -113,29 +120,48 @@ app.command("train")(train_command)
 
 @app.command("eval")
 def eval_command(
-    checkpoint: Path = typer.Option(..., help="Checkpoint directory, or a run directory (its latest checkpoint)."),
+    checkpoint: Path = typer.Option(..., help="Checkpoint directory, or a run directory (its best checkpoint, else its latest)."),
     data: str = typer.Option(..., help="Text to evaluate: a WikiText folder, a text file, a folder of .txt files, "
                                        "or hf:NAME[:CONFIG] for a Hub dataset with a text column."),
     split: str = typer.Option("auto", help="auto (test if present, else validation), train, validation, test or all."),
     batch_size: int = typer.Option(4, min=1, help="Micro-batch size."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     precision: str = typer.Option("fp32", help="fp32, bf16, fp16 or auto."),
+    stride: Optional[int] = typer.Option(None, help="Sliding-window evaluation (Hugging Face's perplexity guide): "
+                                                    "the text as one stream, windows of the context length every N "
+                                                    "tokens, each token scored once with at least context - N tokens "
+                                                    "of history. Default: each document on its own."),
 ) -> None:
     """Report loss, perplexity, bits per byte and (WikiText) word-level perplexity. The last line is JSON."""
     from pocketlm.checkpoint import load_model
     from pocketlm.device import resolve_device, resolve_precision
-    from pocketlm.evaluate import choose_split, evaluate_documents
+    from pocketlm.evaluate import check_stride, choose_split, evaluate_documents, evaluate_sliding
+    from pocketlm.errors import TrainingError
     from pocketlm.rundir import saved_train_config
 
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    model, tokenizer, ckpt = load_model(checkpoint, dev)
+    model, tokenizer, ckpt = load_model(checkpoint, dev, say=_note)
+    context = model.config.block_size
+    if stride is not None:
+        check_stride(stride, context)  # before the data is read
     val_fraction = saved_train_config(ckpt.config, ckpt.path / "config.json").dataset.val_fraction
     docs, wikitext, chosen = choose_split(data, split, val_fraction)
-    report = evaluate_documents(model, tokenizer, docs, wikitext=wikitext, batch_size=batch_size,
-                                device=dev, precision=prec)
+    if stride is None:
+        report = evaluate_documents(model, tokenizer, docs, wikitext=wikitext, batch_size=batch_size,
+                                    device=dev, precision=prec)
+        how = "per-document: each document scored on its own, in pieces of the context length"
+    else:
+        report = evaluate_sliding(model, tokenizer, docs, stride=stride, wikitext=wikitext, batch_size=batch_size,
+                                  device=dev, precision=prec)
+        how = (f"sliding window of {context} tokens, stride {stride}: each token scored once, with at least "
+               f"{context - stride} tokens of history after the first window")
+    if not math.isfinite(report.loss):
+        raise TrainingError(f"checkpoint {ckpt.path} gives a non-finite loss ({report.loss}) on this text in "
+                            f"{prec}; try --precision fp32, or an earlier checkpoint")
     print(f"checkpoint {ckpt.path} (step {ckpt.step}) on the {chosen} split of {data}: "
           f"{report.tokens:,} tokens, {report.bytes:,} bytes, {report.words:,} words", file=sys.stderr)
+    print(f"protocol: {how}", file=sys.stderr)
     word = f", word ppl {report.word_ppl:.2f}" if report.word_ppl is not None else ""
     print(f"loss {report.loss:.4f}, ppl {report.ppl:.2f}, bits/byte {report.bpb:.4f}{word}", file=sys.stderr)
     print(json.dumps(report.as_dict()))
@@ -193,7 +219,7 @@ def plan_command(
 
 @app.command("generate")
 def generate_command(
-    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint or run directory (its latest checkpoint). Default: runs/gpt2-125m."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint or run directory (its best checkpoint, else its latest). Default: runs/gpt2-125m."),
     prompt: Optional[str] = typer.Option(None, help="Text to continue."),
     prompt_file: Optional[Path] = typer.Option(None, help="File with one prompt per line, generated as a batch."),
     max_new_tokens: int = typer.Option(128, help="Tokens to generate per sample at most; <|endoftext|> stops earlier."),
@@ -229,7 +255,7 @@ def generate_command(
             raise CheckpointError(
                 f"no checkpoint in {checkpoint}: train one with `python train.py`, or a quick one with "
                 "`pocketlm train --preset tiny --data FILE` and pass --checkpoint runs/tiny")
-    gen = Generator.from_checkpoint(checkpoint, device=device, precision=precision, recompute=no_cache,
+    gen = Generator.from_checkpoint(checkpoint, device=device, precision=precision, recompute=no_cache, say=_note,
                                     warn=lambda msg: print(f"pocketlm: warning: {msg}", file=sys.stderr))
     if seed is None and temperature > 0:
         import secrets
@@ -272,6 +298,100 @@ def generate_command(
         run([DEFAULT_PROMPT])
 
 
+@app.command("export")
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint folder, or a run folder (its best checkpoint, else its latest)."),
+    out_dir: Path = typer.Argument(..., help="New folder for the Hugging Face model (must not exist, or be empty)."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", metavar="REPO_ID",
+                                              help="Also upload the folder to this Hugging Face Hub model repository "
+                                                   "(created if needed; needs `hf auth login` or HF_TOKEN)."),
+) -> None:
+    """Write a checkpoint as a Hugging Face GPT2LMHeadModel folder that transformers loads without pocketlm."""
+    from pocketlm.export import export_checkpoint
+    from pocketlm.export import push_to_hub as push_folder
+
+    done = export_checkpoint(checkpoint, out_dir, say=_note)
+    padding = done.vocab_size - done.tokenizer_vocab
+    rows = (f" ({done.vocab_size:,} embedding rows; generation_config suppresses the {padding} padding ids)"
+            if padding else "")
+    print(f"exported {done.checkpoint} (step {done.step}) to {done.out_dir}: GPT2LMHeadModel, "
+          f"{done.n_params / 1e6:.1f}M parameters, context {done.block_size}, "
+          f"vocabulary {done.tokenizer_vocab:,}{rows}")
+    print(f"files: {', '.join(done.files)}")
+    print(f'load it with transformers: AutoModelForCausalLM.from_pretrained("{done.out_dir}"), '
+          f'AutoTokenizer.from_pretrained("{done.out_dir}")')
+    if push_to_hub:
+        url = push_folder(done.out_dir, push_to_hub, f"pocketlm export of {done.checkpoint.name} (step {done.step})")
+        print(f"pushed to {url}")
+
+
+@app.command("plot")
+def plot_command(
+    runs: list[Path] = typer.Argument(..., help="Run folders (the --out-dir of pocketlm train) or their "
+                                                "metrics.jsonl."),
+    out: Path = typer.Option(..., "--out", help="Image to write: .png, .svg or .pdf."),
+) -> None:
+    """Draw training and validation loss and the learning rate against tokens seen, one colour per run."""
+    from pocketlm.plot import plot_runs
+
+    curves = plot_runs(runs, out)
+    print(f"wrote {out}: {len(curves)} run{'s' if len(curves) > 1 else ''}")
+    for c in curves:
+        val = f"; validation {c.val_loss[0]:.3f} -> {c.val_loss[-1]:.3f}" if len(c.val_loss) else ""
+        print(f"  {c.name}: {int(c.steps[-1]):,} steps, {int(c.tokens[-1]):,} tokens; training loss "
+              f"{c.loss[0]:.3f} -> {c.loss[-1]:.3f}{val}")
+
+
+tokenizer_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                            help="Tokenizers: learn a byte-level BPE from your own text.")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@tokenizer_app.command("train")
+def tokenizer_train_command(
+    data: str = typer.Option(..., help="Text to learn from, as pocketlm train's --data takes it (a WikiText folder, "
+                                       "a text file, a folder of .txt files, or hf:NAME[:CONFIG]); only its "
+                                       "training split is read."),
+    vocab_size: int = typer.Option(..., help="Tokens to learn, counting <|endoftext|> and the 256 byte tokens "
+                                             "(at least 257)."),
+    out: Path = typer.Option(..., help="Folder to write tokenizer.json into (created; an existing tokenizer.json "
+                                       "is never overwritten)."),
+    val_fraction: float = typer.Option(0.1, help="Share of documents held out when the source has no validation "
+                                                 "split: give the run's --val-fraction, so the tokenizer never sees "
+                                                 "the text the run validates on."),
+) -> None:
+    """Train a byte-level BPE on the training split of --data; then use it: pocketlm train --tokenizer OUT."""
+    import time
+
+    from pocketlm.config import DataConfig
+    from pocketlm.data import load_corpus
+    from pocketlm.tokenizer import bytes_per_token, gpt2_tokenizer, new_tokenizer_path, save_new_tokenizer, train_bpe
+
+    DataConfig(val_fraction=val_fraction)  # the range pocketlm train's --val-fraction has
+    new_tokenizer_path(out)  # refuse an existing tokenizer before spending time on training
+    corpus = load_corpus(data, val_fraction)  # the same documents, and the same split, as training sees
+    train_docs, held_out = corpus.splits["train"], corpus.splits.get("validation") or []
+    began = time.perf_counter()
+    tokenizer = train_bpe(train_docs, vocab_size)
+    seconds = time.perf_counter() - began
+    path = save_new_tokenizer(tokenizer, out)
+    n_bytes = sum(len(d.encode("utf-8")) for d in train_docs)
+    print(f"trained a byte-level BPE of {tokenizer.vocab_size:,} tokens in {seconds:.1f} s on the training split of "
+          f"{corpus.description} ({len(train_docs):,} documents, {n_bytes:,} bytes); <|endoftext|> is id "
+          f"{tokenizer.eot_id}")
+    if tokenizer.vocab_size < vocab_size:
+        print(f"the text has too few distinct merges for {vocab_size:,} tokens: learned {tokenizer.vocab_size:,}")
+    print(f"wrote {path}")
+    ours, gpt2 = bytes_per_token(tokenizer, held_out), bytes_per_token(gpt2_tokenizer(), held_out)
+    if ours is not None and gpt2 is not None:
+        print(f"held-out text ({len(held_out):,} documents): {ours:.2f} bytes per token (GPT-2's BPE: {gpt2:.2f})")
+    print(f"train with it: pocketlm train --tokenizer {out} --data {data}")
+    print(json.dumps({"path": str(path), "vocab_size": tokenizer.vocab_size, "asked_vocab_size": vocab_size,
+                      "eot_id": tokenizer.eot_id, "train_documents": len(train_docs), "train_bytes": n_bytes,
+                      "seconds": round(seconds, 2), "held_out_bytes_per_token": ours,
+                      "gpt2_held_out_bytes_per_token": gpt2}))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status instead of calling sys.exit itself."""
     from pocketlm.train import Interrupted
@@ -291,6 +411,14 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         print(f"pocketlm: {exc}; saved {exc.checkpoint}; run the same command again to resume", file=sys.stderr)
         return 128 + exc.signum
+    except OSError as exc:  # a disk that refuses a write outside a checkpoint save (log, config, cache)
+        if exc.errno not in _DISK_REFUSALS:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"pocketlm: error: cannot write{where}: {exc.strerror}; checkpoints already saved are intact: free "
+              "some space or make the folder writable, then run the same command again (a run resumes from its "
+              "last checkpoint)", file=sys.stderr)
+        return 2
     except _ABORT:  # Ctrl-C outside the training loop
         return 130
     return result if isinstance(result, int) else 0

@@ -216,6 +216,36 @@ Batching = Literal["bucket", "pack", "random"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Checkpointing = Literal["none", "selective", "full"]
+OptimizerName = Literal["adamw", "muon"]
+ScheduleName = Literal["cosine", "wsd"]
+RecipeName = Literal["seed", "data-limited"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes: named sets of field defaults. ``--recipe NAME`` fills in the recipe's value for each
+# field the user did not set (by flag, YAML key or keyword); what the user set wins. The values
+# are then ordinary fields of the config, written to config.json like any other, so a resumed
+# run reads them back and never consults the recipe again.
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # The original project's recipe: every field's own default (``python train.py``).
+    "seed": {},
+    # PROVISIONAL, not yet measured: a candidate for text too small for the model (a few epochs
+    # over a few million tokens), assembled from the quality levers of issue #17 as the literature
+    # reports them; it stays provisional until benchmarks/quality.py measures it against "seed".
+    # Muon for the blocks' matrices; warmup-stable-decay down to zero; stronger weight decay, which
+    # Kim et al. (2025, "Pre-training under infinite compute") found to pay when data, not compute,
+    # is scarce; and an average of the weights, evaluated in their place.
+    "data-limited": {
+        "optimizer": "muon",
+        "schedule": "wsd",
+        "min_lr_ratio": 0.0,
+        "weight_decay": 0.2,
+        "muon_weight_decay": 0.1,
+        "ema_decay": 0.995,
+    },
+}
+assert set(RECIPES) == set(typing.get_args(RecipeName)), "every recipe name is a choice of --recipe"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,11 +266,15 @@ class DataConfig(Validated):
     batching: Batching = "bucket"
     """Batch schedule: bucket (length-grouped), pack (documents concatenated, no padding) or
     random (the baseline)."""
+    tokenizer: str | None = setting(None, on_resume=FIXED)
+    """Tokenizer folder: its tokenizer.json (as `pocketlm tokenizer train` writes it), or a Hugging
+    Face folder's vocab.json and merges.txt. The model's vocab_size follows it, rounded up to a
+    multiple of 64, unless --vocab-size is given. None means GPT-2's BPE."""
 
 
 @dataclass(frozen=True)
 class OptimConfig(Validated):
-    """The recipe: batch, length, AdamW and its learning-rate schedule."""
+    """The recipe: batch, length, the optimizer, its learning-rate schedule and weight averaging."""
 
     batch_size: int = setting(4, ge=1, le=1 << 16)
     """Micro-batch size in sequences; with the context it sets the token budget of a micro-batch."""
@@ -253,7 +287,7 @@ class OptimConfig(Validated):
     lr: float = setting(3e-4, gt=0.0, le=10.0)
     """Peak learning rate."""
     min_lr_ratio: float = setting(0.1, ge=0.0, le=1.0)
-    """The cosine decay ends at this fraction of the peak."""
+    """The decay (cosine, or wsd's) ends at this fraction of the peak."""
     warmup_steps: int = setting(100, ge=0, le=1 << 40)
     """Linear warmup length, capped at 10% of the run's steps."""
     weight_decay: float = setting(0.1, ge=0.0, le=10.0)
@@ -264,6 +298,30 @@ class OptimConfig(Validated):
     """AdamW's second-moment decay."""
     grad_clip: float = setting(1.0, ge=0.0)
     """Clip the global gradient norm to this value (0 disables clipping)."""
+    recipe: RecipeName = "seed"
+    """Named defaults for other fields, applied before the given ones (which win): seed (the
+    original recipe) or data-limited (provisional, not yet measured: Muon, wsd, stronger weight
+    decay, EMA; RECIPES in config.py lists its values)."""
+    optimizer: OptimizerName = "adamw"
+    """adamw: AdamW for every parameter. muon: Muon (momentum orthogonalised by Newton-Schulz) for
+    the 2-D weight matrices inside the transformer blocks, AdamW for embeddings, output layer,
+    biases and LayerNorm gains. Not with --low-memory."""
+    muon_lr: float = setting(0.02, gt=0.0, le=10.0)
+    """With --optimizer muon: Muon's peak learning rate (the schedule scales it as it scales --lr).
+    Each matrix's step is scaled by sqrt(max(1, rows/cols)), as in Keller Jordan's Muon."""
+    muon_momentum: float = setting(0.95, ge=0.0, lt=1.0)
+    """With --optimizer muon: Muon's Nesterov momentum."""
+    muon_weight_decay: float = setting(0.01, ge=0.0, le=10.0)
+    """With --optimizer muon: decoupled weight decay of the Muon matrices; each step scales them
+    by 1 - (Muon's current learning rate x this)."""
+    schedule: ScheduleName = "cosine"
+    """Learning-rate schedule after the warmup: cosine (decay to --min-lr-ratio) or wsd (hold the
+    peak, then decay to --min-lr-ratio as 1 - sqrt(progress) over the last --decay-fraction)."""
+    decay_fraction: float = setting(0.2, gt=0.0, le=1.0)
+    """With --schedule wsd: the share of the run's steps spent decaying."""
+    ema_decay: float = setting(0.0, ge=0.0, lt=1.0)
+    """Exponential moving average of the weights (fp32) with this decay per step, used for
+    evaluation; 0 turns it off. Early steps use min(this, (1 + t) / (10 + t))."""
 
 
 @dataclass(frozen=True)
@@ -304,6 +362,11 @@ class RunConfig(Validated):
     """auto: bf16 autocast where the device has it, fp16 with loss scaling on older GPUs, else fp32."""
     seed: int = setting(1337, ge=0, lt=1 << 63)
     """Seeds initialisation, data order and dropout."""
+    init: str | None = setting(None, on_resume=FIXED)
+    """Start from these weights instead of random ones: a Hugging Face Hub model id (gpt2, distilgpt2,
+    gpt2-medium; hf:NAME always means the Hub), a local Hugging Face GPT-2 folder, or a pocketlm
+    checkpoint or run folder. The model's shape and tokenizer come from it; steps, optimizer and
+    schedule start fresh. Default run folder: runs/from-NAME."""
     compile: bool | None = setting(None, on_resume=FREE)
     """torch.compile the transformer blocks and the loss kernel. Default: on for CPU and CUDA runs
     holding at least a minute of model FLOPs at the device's matmul peak, where it repays its
@@ -315,7 +378,10 @@ class RunConfig(Validated):
     save_interval: int = setting(250, ge=1, on_resume=FREE)
     """Save a checkpoint every this many steps (and at the end, and on SIGINT/SIGTERM)."""
     keep_checkpoints: int = setting(3, ge=1, on_resume=FREE)
-    """How many of the newest checkpoints to keep."""
+    """How many of the newest checkpoints to keep; the best one (lowest validation loss) is kept too."""
+    early_stopping: int | None = setting(None, ge=1, le=1 << 20, on_resume=LENGTH)
+    """Stop when the validation loss has not improved for this many evaluations in a row, keeping
+    the best checkpoint (off by default)."""
     log_interval: int = setting(10, ge=1, on_resume=FREE)
     """Write a step line to metrics.jsonl every this many steps."""
 
@@ -341,6 +407,9 @@ class TrainConfig(Validated):
         self.model_config()  # the preset exists and the overrides fit it
         if self.memory.low_memory and self.run.precision == "fp16":
             raise ConfigError("--low-memory keeps gradients in bf16 and cannot be combined with --precision fp16")
+        if self.memory.low_memory and self.optim.optimizer == "muon":
+            raise ConfigError("--low-memory keeps AdamW's state in bf16 and works with --optimizer adamw only, "
+                              "not muon")
 
     def model_config(self) -> ModelConfig:
         base = model_preset(self.preset)
@@ -353,7 +422,11 @@ class TrainConfig(Validated):
         return dataclasses.replace(base, **{k: coerce(v, hints[k]) for k, v in self.model.items()})
 
     def resolved_out_dir(self) -> Path:
-        return Path(self.run.out_dir) if self.run.out_dir else Path("runs") / self.preset
+        if self.run.out_dir:
+            return Path(self.run.out_dir)
+        if self.run.init:  # named after its source, so it never lands in (and resumes) a from-scratch run
+            return Path("runs") / f"from-{init_name(self.run.init)}"
+        return Path("runs") / self.preset
 
     def to_dict(self) -> dict[str, Any]:
         """Nested, as config.json and YAML files hold it."""
@@ -367,8 +440,20 @@ class TrainConfig(Validated):
         return out
 
     def replace(self, **flat: Any) -> "TrainConfig":
-        """A copy with leaf fields changed by name: ``cfg.replace(batch_size=2, lr=1e-3)``."""
-        return config_from_flat({**self.flat(), **flat})
+        """A copy with leaf fields changed by name: ``cfg.replace(batch_size=2, lr=1e-3)``. A new
+        ``recipe`` resets the fields either recipe sets to the new recipe's values (or defaults),
+        except those given here."""
+        current = self.flat()
+        if flat.get("recipe", self.optim.recipe) != self.optim.recipe:
+            for name in {*RECIPES[self.optim.recipe], *RECIPES.get(flat["recipe"], {})}:
+                current.pop(name, None)
+        return config_from_flat({**current, **flat})
+
+
+def init_name(source: str) -> str:
+    """A short name for an --init source: the last part of its path or Hub id (``gpt2``,
+    ``openai-community/gpt2`` -> ``gpt2``; ``runs/tiny`` -> ``tiny``)."""
+    return Path(source.removeprefix("hf:").rstrip("/\\")).name or "init"
 
 
 def leaf_fields() -> dict[str, tuple[str, dataclasses.Field]]:
@@ -387,11 +472,20 @@ def on_resume(name: str) -> str:
     return FIXED
 
 
+def with_recipe(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with the named recipe's value (``recipe``, default seed) for each field they leave out."""
+    name = values.get("recipe", OptimConfig.recipe)
+    check_value("recipe", name, RecipeName)
+    return {**RECIPES[name], **values}
+
+
 def config_from_flat(values: Mapping[str, Any]) -> TrainConfig:
-    """A ``TrainConfig`` from leaf names (and ``preset``/``model``); unknown names are refused."""
+    """A ``TrainConfig`` from leaf names (and ``preset``/``model``); unknown names are refused.
+    Fields left out take the recipe's values (see ``RECIPES``), else their defaults."""
     unknown = sorted(set(values) - set(_LEAVES) - TOP_LEVEL)
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+    values = with_recipe(values)
     per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for name, value in values.items():
         if name in _LEAVES:

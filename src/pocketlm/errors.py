@@ -17,5 +17,10 @@ class CheckpointError(PocketLMError):
     """A checkpoint that is missing, truncated, corrupt, or from a different model."""
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint file that is missing, truncated, edited or non-finite: a resume falls back to
+    the previous checkpoint (a different model or different settings are not damage)."""
+
+
 class TrainingError(PocketLMError):
     """A run that cannot go on, such as one whose loss became NaN."""

@@ -8,6 +8,17 @@ one chunk of logits: it costs no more memory than training.
 document included (as in training). ``bpb`` and ``word_ppl`` measure the text itself, so they
 count only predictions of the text's own tokens: total NLL over the text's UTF-8 bytes, and
 over its whitespace-separated words.
+
+Two protocols score the same tokens (every token of the ``EOT d1 EOT d2 ... EOT`` stream but
+the first) and differ in the context each prediction sees:
+
+- per-document (``evaluate_documents``, the default): each document on its own, cut into pieces
+  of the context length, as training sees it; a piece's first tokens see little context.
+- sliding window (``evaluate_sliding``, ``pocketlm eval --stride N``): the protocol of Hugging
+  Face's perplexity guide. The stream is read whole, documents joined by ``<|endoftext|>``;
+  windows of the context length move by ``stride`` tokens, and each window scores only the
+  tokens no earlier window scored, so each token is scored once and, after the first window,
+  sees at least context - stride tokens of history. Smaller strides cost more passes.
 """
 
 from __future__ import annotations
@@ -22,8 +33,8 @@ import torch
 from pocketlm.batching import Batch, collate, epoch_batches
 from pocketlm.data import ExampleSet, TokenStream, cached_token_stream, load_corpus, make_examples
 from pocketlm.device import autocast
-from pocketlm.errors import DataError
-from pocketlm.losses import chunked_token_nll
+from pocketlm.errors import ConfigError, DataError
+from pocketlm.losses import IGNORE_INDEX, chunked_token_nll
 from pocketlm.model import GPT
 from pocketlm.tokenizer import Tokenizer
 
@@ -88,6 +99,88 @@ def evaluate_nll(model: GPT, examples: ExampleSet, *, batch_size: int, device: t
     return NLLTotals(nll.item(), count, text_nll.item() if closing_eot is not None else float("nan"))
 
 
+@dataclass(frozen=True)
+class Window:
+    """One pass of the sliding evaluation: inputs ``tokens[begin:begin + length]`` predict
+    ``tokens[begin + 1:begin + length + 1]``; the predictions at positions ``skip`` and later are
+    scored (earlier ones were scored by an earlier window). The prediction at position ``i`` sees
+    ``i + 1`` tokens of context."""
+
+    begin: int
+    length: int
+    skip: int
+
+
+def check_stride(stride: int, context: int) -> None:
+    """One line unless 1 <= stride <= context."""
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= context:
+        raise ConfigError(f"--stride must be a whole number from 1 to the model's context of {context} tokens; "
+                          f"got {stride!r}")
+
+
+def sliding_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
+    """The windows that score tokens 1..n_tokens-1 of a stream once each: they start every
+    ``stride`` tokens and are ``context`` long (the last may be shorter, as in Hugging Face's
+    guide, rather than reaching back for more context)."""
+    check_stride(stride, context)
+    n_targets = n_tokens - 1  # token 0 is never predicted
+    windows, begin, scored_until = [], 0, 0  # targets 1..scored_until are done
+    while scored_until < n_targets:
+        length = min(context, n_targets - begin)
+        windows.append(Window(begin, length, scored_until - begin))
+        scored_until = begin + length
+        begin += stride
+    return windows
+
+
+@torch.no_grad()
+def sliding_nll(model: GPT, stream: TokenStream, *, stride: int, batch_size: int, device: torch.device | str,
+                precision: str = "fp32", pad_id: int = 0) -> NLLTotals:
+    """Summed NLL of every token of ``stream`` but the first, each scored once in the window of
+    ``sliding_windows``, ``batch_size`` windows per pass; also the sum without the closing EOTs."""
+    device = torch.device(device)
+    tokens = torch.from_numpy(np.asarray(stream.tokens, dtype=np.int64))
+    closing_eot = torch.zeros(len(tokens), dtype=torch.bool)
+    closing_eot[torch.from_numpy(np.asarray(stream.doc_starts[1:], dtype=np.int64))] = True
+    windows = sliding_windows(len(tokens), model.config.block_size, stride)
+    was_training = model.training
+    model.eval()
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    text_nll = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    try:
+        for first in range(0, len(windows), batch_size):
+            group = windows[first:first + batch_size]
+            width = max(w.length for w in group)
+            inputs = torch.full((len(group), width), pad_id, dtype=torch.int64)
+            targets = torch.full((len(group), width), IGNORE_INDEX, dtype=torch.int64)
+            closing = torch.zeros((len(group), width), dtype=torch.bool)
+            for r, w in enumerate(group):  # right padding: causal attention keeps it out of every real row
+                inputs[r, :w.length] = tokens[w.begin:w.begin + w.length]
+                scored = slice(w.begin + w.skip + 1, w.begin + w.length + 1)
+                targets[r, w.skip:w.length] = tokens[scored]
+                closing[r, w.skip:w.length] = closing_eot[scored]
+            inputs, targets, closing = inputs.to(device), targets.to(device), closing.to(device)
+            keep = targets != IGNORE_INDEX
+            with autocast(device, precision):
+                hidden = model.hidden_states(inputs)
+                # only the scored positions go through the output layer: with a small stride most are not
+                per_token = chunked_token_nll(hidden[keep], model.lm_head.weight, targets[keep]).double()
+            nll += per_token.sum()
+            text_nll += per_token.masked_fill(closing[keep], 0.0).sum()
+            count += int(keep.sum())
+    finally:
+        model.train(was_training)
+    return NLLTotals(nll.item(), count, text_nll.item())
+
+
+PER_DOCUMENT = "per-document"
+
+
+def sliding_protocol(stride: int) -> str:
+    return f"sliding-window stride {stride}"
+
+
 @dataclass
 class EvalReport:
     loss: float
@@ -97,9 +190,20 @@ class EvalReport:
     tokens: int
     bytes: int
     words: int
+    protocol: str = PER_DOCUMENT
+    """How the tokens were given their context: per-document, or sliding-window stride N."""
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _report(totals: NLLTotals, docs: list[str], wikitext: bool, protocol: str) -> EvalReport:
+    loss = totals.mean
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    n_words = sum(len(d.split()) for d in docs)
+    return EvalReport(loss=loss, ppl=math.exp(min(loss, 50)), bpb=totals.text_nll / (math.log(2) * n_bytes),
+                      word_ppl=math.exp(min(totals.text_nll / n_words, 50)) if wikitext and n_words else None,
+                      tokens=totals.tokens, bytes=n_bytes, words=n_words, protocol=protocol)
 
 
 def evaluate_documents(model: GPT, tokenizer: Tokenizer, docs: list[str], *, wikitext: bool,
@@ -113,12 +217,21 @@ def evaluate_documents(model: GPT, tokenizer: Tokenizer, docs: list[str], *, wik
     examples = make_examples(stream, model.config.block_size)
     totals = evaluate_nll(model, examples, batch_size=batch_size, device=device, precision=precision,
                           pad_id=tokenizer.eot_id, stream=stream)
-    loss = totals.mean
-    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
-    n_words = sum(len(d.split()) for d in docs)
-    return EvalReport(loss=loss, ppl=math.exp(min(loss, 50)), bpb=totals.text_nll / (math.log(2) * n_bytes),
-                      word_ppl=math.exp(min(totals.text_nll / n_words, 50)) if wikitext and n_words else None,
-                      tokens=totals.tokens, bytes=n_bytes, words=n_words)
+    return _report(totals, docs, wikitext, PER_DOCUMENT)
+
+
+def evaluate_sliding(model: GPT, tokenizer: Tokenizer, docs: list[str], *, stride: int, wikitext: bool,
+                     batch_size: int = 4, device: torch.device | str = "cpu", precision: str = "fp32",
+                     cache_dir: Path | None = None) -> EvalReport:
+    """The figures of ``evaluate_documents`` under the sliding-window protocol: ``docs`` read as
+    one stream, windows of the context length every ``stride`` tokens (1 <= stride <= context)."""
+    check_stride(stride, model.config.block_size)  # before any tokenizing
+    if not any(d.strip() for d in docs):
+        raise DataError("nothing to evaluate: the selected split is empty")
+    stream = cached_token_stream(docs, tokenizer, cache_dir)
+    totals = sliding_nll(model, stream, stride=stride, batch_size=batch_size, device=device, precision=precision,
+                         pad_id=tokenizer.eot_id)
+    return _report(totals, docs, wikitext, sliding_protocol(stride))
 
 
 def choose_split(spec: str, split: str, val_fraction: float = 0.1) -> tuple[list[str], bool, str]:

@@ -267,12 +267,14 @@ class Generator:
         self.cache_dtype = AUTOCAST_DTYPES.get(self.precision, model.lm_head.weight.dtype)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "fp32", **kwargs) -> Generator:
-        """Load a checkpoint folder (or a run folder: its latest checkpoint)."""
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", precision: str = "fp32",
+                        say: Callable[[str], None] | None = None, **kwargs) -> Generator:
+        """Load a checkpoint folder (or a run folder: its best checkpoint, else its latest;
+        ``say`` hears which)."""
         from pocketlm.checkpoint import load_model
 
         dev = resolve_device(device)
-        model, tokenizer, _ = load_model(path, dev)
+        model, tokenizer, _ = load_model(path, dev, say=say)
         return cls(model, tokenizer, dev, precision, **kwargs)
 
     def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int = 128, temperature: float = 0.8,
@@ -352,8 +354,13 @@ class Generator:
         return 0 if self.recompute else settings.max_new_tokens - min(len(row.out) for row in rows)
 
     def _last_logits(self, hidden: torch.Tensor, n: int = 1) -> torch.Tensor:
-        """(B, n, V) logits of the last ``n`` positions: the output layer only where tokens are chosen."""
-        return self.model.lm_head(hidden[:, -n:]).float()
+        """(B, n, V) logits of the last ``n`` positions: the output layer only where tokens are chosen.
+        Rows past the tokenizer's vocabulary (an embedding table padded to a multiple of 64) are no
+        token at all: they get -inf, so neither argmax nor sampling can pick them."""
+        logits = self.model.lm_head(hidden[:, -n:]).float()
+        if self.tokenizer.vocab_size < logits.size(-1):
+            logits[..., self.tokenizer.vocab_size:] = float("-inf")
+        return logits
 
     def _choose(self, batch: BatchState, logits: torch.Tensor, settings: _Settings) -> torch.Tensor:
         """Each row's token after each of the last ``n`` positions, (B, n), from logits (B, n, V)."""

@@ -1,8 +1,14 @@
-"""Optimizers and the learning-rate schedule.
+"""Optimizers and the learning-rate schedules.
 
 ``Optimizers`` is what the training step talks to: it sets the learning rate, measures and
 clips the global gradient norm, steps and zeroes, and saves and loads its state, whether the
-gradients live in ``.grad`` (AdamW) or in the bf16 buffers of ``--low-memory``'s AdamW.
+gradients live in ``.grad`` (AdamW, Muon) or in the bf16 buffers of ``--low-memory``'s AdamW.
+
+``--optimizer muon`` trains the 2-D weight matrices inside the transformer blocks with
+``torch.optim.Muon`` and everything else (embeddings, the tied output layer, biases, LayerNorm
+gains) with AdamW, two optimizers stepped as one. The schedule gives AdamW's learning rate; each
+parameter group carries an ``lr_scale`` (its own peak over ``--lr``), so Muon follows the same
+shape from its own peak, ``--muon-lr``.
 """
 
 from __future__ import annotations
@@ -10,18 +16,36 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Collection, Protocol
 
 import torch
 import torch.nn as nn
 
 from pocketlm.config import OptimConfig
+from pocketlm.errors import ConfigError
 from pocketlm.lowmem import LowMemoryAdamW
 
+# torch.optim.Muon's learning-rate adjustment: "original" is Keller Jordan's, each matrix's step
+# scaled by sqrt(max(1, rows / cols)) so that tall and wide matrices move alike (c_attn, 3C x C,
+# gets sqrt(3); c_fc, 4C x C, gets 2; the C-wide outputs 1). The peak of 0.02 (--muon-lr) is
+# tuned for this adjustment. The other choice, "match_rms_adamw" (Moonshot's 0.2 sqrt(max(A, B))),
+# is meant to reuse AdamW's learning rate and would need --muon-lr near --lr instead.
+MUON_ADJUST_LR = "original"
 
-def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: decay matrices and embeddings, never biases or LayerNorm gains."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+def hidden_matrix_names(model: nn.Module) -> list[str]:
+    """The 2-D weights inside the transformer blocks (attention and MLP projections): what Muon
+    trains. Embeddings and the output layer tied to them lie outside the blocks and stay with AdamW,
+    as Muon's authors advise (found so empirically: an embedding is a table of rows looked up, not a
+    linear map between hidden spaces)."""
+    return [n for n, p in model.named_parameters()
+            if p.requires_grad and p.dim() == 2 and n.startswith("transformer.h.")]
+
+
+def decay_groups(model: nn.Module, weight_decay: float, skip: Collection[str] = ()) -> list[dict]:
+    """AdamW parameter groups: decay matrices and embeddings, never biases or LayerNorm gains.
+    Parameters named in ``skip`` (those another optimizer trains) are left out."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad and n not in skip}
     decay = [p for p in params.values() if p.dim() >= 2]
     no_decay = [p for p in params.values() if p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay},
@@ -51,6 +75,8 @@ class Optimizers:
         return None
 
     def set_lr(self, lr: float) -> None:
+        """Set every group's rate from the schedule's ``lr`` (AdamW's): times the group's
+        ``lr_scale``, its peak relative to AdamW's (Muon's groups carry one; AdamW's none)."""
         for group in self.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
@@ -97,15 +123,34 @@ class Optimizers:
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, *,
                     low_memory: bool = False) -> Optimizers:
     """AdamW over ``decay_groups``: fused on CPU and CUDA, or ``LowMemoryAdamW`` (bf16 gradients
-    and moments) for ``--low-memory``."""
-    groups = decay_groups(model, cfg.weight_decay)
+    and moments) for ``--low-memory``. With ``cfg.optimizer == "muon"``, Muon for the blocks'
+    matrices (``hidden_matrix_names``) and AdamW for the rest."""
+    muon_names = hidden_matrix_names(model) if cfg.optimizer == "muon" else []
+    if muon_names and low_memory:
+        raise ConfigError("--low-memory keeps AdamW's state in bf16 and works with --optimizer adamw only, not muon")
+    groups = decay_groups(model, cfg.weight_decay, skip=set(muon_names))
     betas = (cfg.beta1, cfg.beta2)
     if low_memory:
         return Optimizers([LowMemoryAdamW(groups, lr=cfg.lr, betas=betas)])
     kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": betas}
     if device.type in ("cuda", "cpu"):
         kwargs["fused"] = True  # one kernel for the whole update, and no foreach temporaries
-    return Optimizers([torch.optim.AdamW(groups, **kwargs)])
+    adamw = torch.optim.AdamW(groups, **kwargs)
+    if not muon_names:
+        return Optimizers([adamw])
+    params = dict(model.named_parameters())
+    muon = torch.optim.Muon([{"params": [params[n] for n in muon_names], "lr_scale": cfg.muon_lr / cfg.lr}],
+                            lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum,
+                            nesterov=True, adjust_lr_fn=MUON_ADJUST_LR)
+    return Optimizers([adamw, muon])
+
+
+class Schedule(Protocol):
+    """What the training loop asks of a schedule: the learning rate of each optimizer step."""
+
+    def lr(self, step: int) -> float: ...
+
+    def as_dict(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -127,3 +172,51 @@ class CosineSchedule:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class WSDSchedule:
+    """Warmup-stable-decay: linear warmup to the peak, the peak held, then a decay over the last
+    ``decay_fraction`` of the run to ``min_ratio`` of the peak at ``total_steps``.
+
+    The decay follows 1 - sqrt(progress), not a straight line: Hägele et al. (2024, "Scaling Laws
+    and Compute-Optimal Training Beyond Fixed Training Durations") found this cooldown beat the
+    linear one and matched a cosine schedule tuned to the run's length, with a cooldown of about
+    20% of the steps. It keeps the rate high for longer and drops it fastest at the very end.
+    Unlike cosine, the stable phase does not depend on the run's length, so a run trained further
+    can branch from a checkpoint taken before its decay began.
+    """
+
+    peak_lr: float
+    total_steps: int
+    warmup_steps: int
+    min_ratio: float = 0.1
+    decay_fraction: float = 0.2
+
+    @property
+    def decay_start(self) -> int:
+        """The first step of the decay (never inside the warmup)."""
+        decay_steps = max(1, round(self.decay_fraction * self.total_steps))
+        return max(self.warmup_steps, self.total_steps - decay_steps)
+
+    def lr(self, step: int) -> float:
+        """Learning rate for optimizer step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return self.peak_lr * (step + 1) / self.warmup_steps
+        start = self.decay_start
+        if step < start:
+            return self.peak_lr
+        progress = min(1.0, (step - start) / max(1, self.total_steps - start))
+        floor = self.peak_lr * self.min_ratio
+        return floor + (self.peak_lr - floor) * (1.0 - math.sqrt(progress))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def make_schedule(cfg: OptimConfig, total_steps: int, warmup_steps: int) -> Schedule:
+    """The schedule ``cfg.schedule`` names, peaking at ``cfg.lr`` (Muon's groups follow it scaled,
+    see ``Optimizers.set_lr``)."""
+    if cfg.schedule == "wsd":
+        return WSDSchedule(cfg.lr, total_steps, warmup_steps, cfg.min_lr_ratio, cfg.decay_fraction)
+    return CosineSchedule(cfg.lr, total_steps, warmup_steps, cfg.min_lr_ratio)

@@ -166,7 +166,7 @@ def make_plan(cfg: TrainConfig, machine: Machine, train_lengths: np.ndarray, tok
     if machine.memory_budget_bytes is not None:
         fit = fit_to_budget(model_cfg, machine.memory_budget_bytes, batch_size=batch_size, grad_accum=grad_accum,
                             precision=machine.precision, device=torch.device(machine.device).type,
-                            low_memory=low_memory)
+                            low_memory=low_memory, free_memory=cfg.memory.vram == "auto")
         batch_size, grad_accum = fit.batch_size, fit.grad_accum
         checkpointing, full_blocks, predicted = fit.checkpointing, fit.full_checkpoint_blocks, fit.plan.total
     batches = epoch_batches(cfg.dataset.batching, train_lengths, batch_size, model_cfg.block_size, cfg.run.seed, 0)

@@ -6,6 +6,10 @@ gradients are already allocated): weights, gradients and AdamW state in fp32; th
 each block keeps for backward, which depend on the checkpointing mode; and the fused output
 layer's buffers (see losses.py). ``benchmarks/memory.py`` and ``tests/test_planner.py`` compare
 these predictions with measured peaks.
+
+A GPU budget (``--vram 4GB``) is a card's size, not a tensor budget: ``CardLosses`` sets aside
+what a real card loses before and around those tensors (the driver's share, the CUDA context,
+the caching allocator's margin) and ``fit_to_budget`` fits the plan into what is left.
 """
 
 from __future__ import annotations
@@ -17,17 +21,64 @@ from pocketlm.config import ModelConfig
 from pocketlm.errors import ConfigError
 from pocketlm.losses import CHUNK_ELEMENTS
 
+MiB = 1024 ** 2
 GiB = 1024 ** 3
 FP32 = 4
-# Room for allocator rounding, kernels' scratch space and the framework itself. On CUDA the
-# caching allocator and the context need more, which the planner leaves free of any plan.
-WORKSPACE_FRACTION = {"cpu": 0.03, "cuda": 0.10, "mps": 0.10}
-CUDA_CONTEXT_BYTES = 400 * 1024 ** 2
+# Room for allocator rounding, kernels' scratch space and the framework itself, inside the
+# allocated peak (measured on a CPU; on CUDA a little more for cuBLAS's workspaces, not yet
+# measured). What the CUDA caching allocator and context take beyond it is in ``CardLosses``.
+WORKSPACE_FRACTION = {"cpu": 0.03, "cuda": 0.05, "mps": 0.10}
+
+
+@dataclass(frozen=True)
+class CardLosses:
+    """What a GPU's memory loses before and around the tensors ``predict_peak`` counts.
+
+    None of the CUDA figures below has been measured on a GPU running pocketlm yet;
+    ``benchmarks/gpu_check.py`` measures each of them (context, allocator margin, reported size)
+    so that measured figures can replace these documented ones.
+    """
+
+    driver_fraction: float = 0.0
+    """Share of a card's nominal size that its driver keeps (the size it reports is smaller)."""
+    context_bytes: int = 0
+    """Device memory of the process's CUDA context and the libraries it loads."""
+    fragmentation: float = 0.0
+    """How much more the caching allocator reserves than the peak it hands out."""
+
+    def tensor_budget(self, budget_bytes: int, *, free_memory: bool = False) -> int:
+        """The allocated peak that fits ``budget_bytes``: a card's nominal size, or with
+        ``free_memory`` the memory a running process found free (driver and context already gone)."""
+        reservable = budget_bytes if free_memory else \
+            budget_bytes * (1 - self.driver_fraction) - self.context_bytes
+        return max(0, int(reservable / (1 + self.fragmentation)))
+
+
+# The driver's share: cards report less than their nominal GiB, e.g. nvidia-smi shows 7,982 MiB on
+# an "8 GB" RTX 2070 Max-Q (2.6% short) and 24,219 MiB on a 24 GB Titan RTX (1.5% short) (table in
+# lambdal/lambda-tensorflow-benchmark pull request #10).
+# The context: 274 MiB (287,047,680 bytes) for a bare PyTorch CUDA context with lazy module
+# loading and 636 MiB without it (pytorch/pytorch pull request #86509, which made lazy loading
+# PyTorch's default in 1.13; CUDA's own default on Linux since 12.2), plus cuBLAS and the kernels a
+# training step loads on first use; forum measurements of a PyTorch process's floor before lazy
+# loading were 700-800 MiB (discuss.pytorch.org, "High gpu memory overhead"). 400 MiB: lazy loading
+# plus the libraries. Not yet measured here.
+# The allocator's margin: reserved blocks are split and cached by size, so the reserved peak
+# (what the card must hold) runs above the allocated one; 10% is a documented guess, not yet measured.
+CARD_LOSSES = {"cuda": CardLosses(driver_fraction=0.03, context_bytes=400 * MiB, fragmentation=0.10)}
+NO_LOSSES = CardLosses()
+
+
+def card_losses(device: str) -> CardLosses:
+    """What a budget on ``device`` (``cpu``, ``cuda``, ``mps``) loses; nothing off CUDA, where the
+    budget is the tensors' own (a CPU has no caching allocator or context to pay for)."""
+    return CARD_LOSSES.get(device, NO_LOSSES)
 
 
 def parse_size(text: str) -> int:
-    """``4GB``, ``3.5 GiB``, ``1500MB``, ``2g`` -> bytes (GB and GiB both mean 1024**3 here, as
-    GPU makers' '4 GB' cards hold 4 GiB)."""
+    """``4GB``, ``3.5 GiB``, ``1500MB``, ``2g`` -> bytes. GB and GiB both mean 1024**3 here: a
+    card sold as '4 GB' holds 4 GiB (4,294,967,296 bytes) of memory chips, so ``--vram 4GB`` is
+    that card; ``CardLosses`` then sets aside what the card loses before any tensor."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)i?b?\s*", text.lower())
     if not match:
         raise ConfigError(f"cannot read memory size {text!r}; write e.g. 4GB or 1500MB")
@@ -134,6 +185,8 @@ class FitChoice:
     checkpointing: str
     full_checkpoint_blocks: int
     plan: MemoryPlan
+    tensor_budget: int = 0
+    """The allocated peak the budget allowed, once ``CardLosses`` was set aside."""
 
 
 def _checkpoint_ladder(n_layer: int) -> list[tuple[str, int]]:
@@ -143,11 +196,14 @@ def _checkpoint_ladder(n_layer: int) -> list[tuple[str, int]]:
 
 def fit_to_budget(config: ModelConfig, budget_bytes: int, *, batch_size: int, grad_accum: int,
                   seq_len: int | None = None, precision: str = "bf16", device: str = "cpu",
-                  low_memory: bool = False) -> FitChoice:
+                  low_memory: bool = False, free_memory: bool = False) -> FitChoice:
     """Settings whose predicted peak fits ``budget_bytes``, keeping the effective batch
     (micro-batch x accumulation). Preference: the largest micro-batch that fits without full
-    checkpointing, with the least recomputation; full checkpointing only as a last resort."""
-    usable = budget_bytes - (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
+    checkpointing, with the least recomputation; full checkpointing only as a last resort.
+    On CUDA the budget is a card's nominal size (``free_memory``: the free memory a process
+    found, as ``--vram auto`` reads it) and ``card_losses`` is set aside first."""
+    losses = card_losses(device)
+    usable = losses.tensor_budget(budget_bytes, free_memory=free_memory)
     effective = batch_size * grad_accum
     micro_sizes = [m for m in range(effective, 0, -1) if effective % m == 0 and (m & (m - 1)) == 0 or m == batch_size]
     ladder = [("full", config.n_layer)] if low_memory else _checkpoint_ladder(config.n_layer)
@@ -158,14 +214,16 @@ def fit_to_budget(config: ModelConfig, budget_bytes: int, *, batch_size: int, gr
                 plan = predict_peak(config, micro, seq_len, precision=precision, checkpointing=mode,
                                     full_blocks=full, device=device, low_memory=low_memory)
                 if plan.total <= usable:
-                    return FitChoice(micro, effective // micro, mode, full, plan)
+                    return FitChoice(micro, effective // micro, mode, full, plan, usable)
         return None
 
     choice = first_fit(ladder[:-1]) or first_fit(ladder[-1:])
     if choice is None:
         smallest = predict_peak(config, 1, seq_len, precision=precision, checkpointing="full", device=device,
                                 low_memory=low_memory)
-        context = f" ({CUDA_CONTEXT_BYTES / GiB:.2f} GiB of it kept for the CUDA context)" if device == "cuda" else ""
+        lost = "the allocator's margin is" if free_memory else \
+            "the driver's share, the CUDA context and the allocator's margin are"
+        context = f" ({usable / GiB:.2f} GiB for tensors once {lost} set aside)" if losses != NO_LOSSES else ""
         hint = "" if low_memory else "; try --low-memory"
         raise ConfigError(f"no setting fits {budget_bytes / GiB:.2f} GiB{context}: even micro-batch 1 with "
                           f"full checkpointing needs about {smallest.total / GiB:.2f} GiB{hint}")

@@ -21,38 +21,23 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from pocketlm.checkpoint import CONFIG, latest_checkpoint, resolve_checkpoint
+from pocketlm.checkpoint import CONFIG, META, list_checkpoints, remove_leftovers, resolve_checkpoint, verify_checkpoint
 from pocketlm.config import FIXED, LENGTH, ModelConfig, TrainConfig, config_from_dict, config_from_flat, flag_name, on_resume
-from pocketlm.errors import CheckpointError, ConfigError
+from pocketlm.errors import CheckpointError, ConfigError, DamagedCheckpoint
 from pocketlm.metrics import METRICS_FILE
 
 RUN_CONFIG = "config.json"
 LOCK_FILE = ".lock"
 
 
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from ``path``, or a one-line ``CheckpointError`` naming the file."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{what} {path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{what} {path} is damaged (not valid JSON)") from None
-    except OSError as exc:
-        raise CheckpointError(f"{what} {path} cannot be read ({exc.strerror})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{what} {path} is damaged (a JSON {type(value).__name__}, not an object)")
-    return value
-
-
 def saved_train_config(record: Mapping[str, Any], path: Path) -> TrainConfig:
     """The ``TrainConfig`` a config.json record holds."""
     if not isinstance(record.get("train"), Mapping):
-        raise CheckpointError(f"{path} is damaged: it holds no training config")
+        raise DamagedCheckpoint(f"{path} is damaged: it holds no training config")
     try:
         return config_from_dict(record["train"])
     except ConfigError as exc:
-        raise CheckpointError(f"{path} holds a config this pocketlm cannot use ({exc})") from None
+        raise DamagedCheckpoint(f"{path} holds a config this pocketlm cannot use ({exc})") from None
 
 
 def differing_settings(saved: TrainConfig, current: TrainConfig, *, branching: bool) -> list[str]:
@@ -83,11 +68,53 @@ def check_resumable(saved: TrainConfig, current: TrainConfig, where: Path, *, br
                       "use a new --out-dir to start another run")
 
 
-def resume_source(cfg: TrainConfig) -> Path | None:
-    """The checkpoint this run continues from: ``--resume``'s, else the run folder's latest."""
-    if cfg.run.resume:
-        return resolve_checkpoint(cfg.run.resume)
-    return latest_checkpoint(cfg.resolved_out_dir())
+def resume_candidates(cfg: TrainConfig) -> tuple[list[Path], bool]:
+    """The checkpoints this run may continue from, best first, and whether later ones may stand in
+    for a damaged first one. ``--resume CHECKPOINT`` names exactly one; a run folder (the run's own,
+    or ``--resume RUN``) offers all of its checkpoints, newest first."""
+    if cfg.run.resume and (Path(cfg.run.resume) / META).is_file():
+        return [Path(cfg.run.resume)], False
+    folder = Path(cfg.run.resume) if cfg.run.resume else cfg.resolved_out_dir()
+    if cfg.run.resume and not list_checkpoints(folder):
+        return [resolve_checkpoint(folder)], False  # raises its one line: not found, or no checkpoint
+    return list(reversed(list_checkpoints(folder))), True
+
+
+def first_usable(candidates: list[Path], fallback: bool, load: Callable[[Path], Any],
+                 warn: Callable[[str], None]) -> tuple[Path, Any] | None:
+    """The first candidate that ``load`` accepts, with what it returned. A damaged checkpoint is
+    skipped with a warning naming its file when ``fallback`` allows; when every one is damaged,
+    one line says what to do."""
+    problems = []
+    for path in candidates:
+        try:
+            loaded = load(path)
+        except DamagedCheckpoint as exc:
+            if not fallback:
+                raise
+            problems.append(str(exc))
+            continue
+        for problem in problems:
+            warn(f"{problem}; resuming from the previous checkpoint, {path.name}")
+        return path, loaded
+    if problems:
+        folder = candidates[0].parent
+        raise CheckpointError(f"no usable checkpoint in {folder} ({problems[0]}); every checkpoint is damaged: "
+                              f"move {folder} aside to start the run afresh, or use a new --out-dir")
+    return None
+
+
+def verified_record(path: Path) -> dict[str, Any]:
+    """The config.json record of a checkpoint verified whole, holding a usable training config."""
+    _, record = verify_checkpoint(path)
+    saved_train_config(record, path / CONFIG)
+    return record
+
+
+def resume_source(cfg: TrainConfig, warn: Callable[[str], None] | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint this run continues from and its config record: ``--resume``'s, else the run
+    folder's newest usable one."""
+    return first_usable(*resume_candidates(cfg), load=verified_record, warn=warn or (lambda msg: None))
 
 
 def resolve_settings(given: Mapping[str, Any], check_data: Callable[[str], None] | None = None) -> TrainConfig:
@@ -98,10 +125,10 @@ def resolve_settings(given: Mapping[str, Any], check_data: Callable[[str], None]
     draft = config_from_flat(given)  # types and ranges first: nothing else is judged on a bad value
     if check_data is not None and draft.dataset.data is not None:
         check_data(draft.dataset.data)
-    source = resume_source(draft)
-    if source is None:
+    found = resume_source(draft)
+    if found is None:
         return draft
-    record = read_json(source / CONFIG, "checkpoint config")
+    source, record = found
     saved = saved_train_config(record, source / CONFIG)
     branching = bool(given.get("resume"))
     base = saved.flat()
@@ -124,6 +151,38 @@ def resolve_settings(given: Mapping[str, Any], check_data: Callable[[str], None]
     if not given.get("out_dir") and not branching:
         merged_values["out_dir"] = str(draft.resolved_out_dir())
     return config_from_flat(merged_values)
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Create the run folder, or say in one line why it cannot be (a file in the way, a
+    read-only or foreign file system)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"--out-dir {out_dir} is a file, not a folder; choose another --out-dir") from None
+    except NotADirectoryError:
+        raise ConfigError(f"--out-dir {out_dir} lies under a file, not a folder; choose another --out-dir") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create --out-dir {out_dir} ({exc.strerror}); choose a writable --out-dir") from None
+    if not out_dir.is_dir():
+        raise ConfigError(f"--out-dir {out_dir} is not a folder; choose another --out-dir")
+
+
+def clean_up_after_crashes(out_dir: Path, warn: Callable[[str], None]) -> None:
+    """Remove what an earlier trainer left half-done (temporary checkpoint folders). Holding the
+    lock, nothing else is writing here."""
+    for stale in remove_leftovers(out_dir):
+        warn(f"removed {stale.name}, an unfinished save left by an earlier run")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` whole or not at all (a full disk leaves the old file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def set_aside_old_log(out_dir: Path) -> Path | None:

@@ -31,6 +31,12 @@ class Progress:
     tokens_seen: int = 0
     micro_splits: int = 0
     """Out-of-memory halvings so far: each micro-batch runs as 2**micro_splits pieces."""
+    best_val_loss: float = float("inf")
+    """The lowest validation loss so far (early stopping compares against it)."""
+    evals_since_best: int = 0
+    """Evaluations in a row without a new best."""
+    stopped_early: int = 0
+    """The step at which early stopping ended the run (0: it did not)."""
 
 
 class BatchStream:
@@ -96,6 +102,11 @@ class TrainState:
     scaler: torch.amp.GradScaler | None
     progress: Progress
     stream: BatchStream
+    ema: Any = None
+    """The weight average (``pocketlm.ema.WeightEMA``) with --ema-decay; its weights are saved
+    beside the model's (``ema.safetensors``), its update count here."""
+    KEYS = frozenset({"optimizer", "scaler", "progress", "rng"})
+    """What ``state_dict`` holds."""
 
     def state_dict(self) -> dict[str, Any]:
         """Everything but the weights. ``progress`` keeps the on-disk layout of earlier versions
@@ -103,7 +114,8 @@ class TrainState:
         return {"optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "progress": {**dataclasses.asdict(self.progress), **self.stream.state_dict()},
-                "rng": capture_rng()}
+                "rng": capture_rng(),
+                **({"ema_updates": torch.tensor(self.ema.updates)} if self.ema is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
@@ -112,8 +124,8 @@ class TrainState:
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             self.stream.load_state_dict(progress)
-            names = {f.name for f in dataclasses.fields(Progress)}
-            self.progress = Progress(**{k: int(v) for k, v in progress.items() if k in names})
+            kinds = {f.name: type(f.default) for f in dataclasses.fields(Progress)}
+            self.progress = Progress(**{k: kinds[k](v) for k, v in progress.items() if k in kinds})
             restore_rng(state["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"the training state does not fit this run ({type(exc).__name__}: "

@@ -23,25 +23,29 @@ import numpy as np
 import torch
 
 from pocketlm.batching import Batch, MicroBatch, collate, split_batch
-from pocketlm.checkpoint import (Checkpoint, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint,
-                                 weights_state_dict)
+from pocketlm.checkpoint import (AVERAGE, CONFIG, STATE, WEIGHTS, Checkpoint, best_checkpoint, check_finite, checkpoints_dir,
+                                 is_finite_checkpoint, latest_checkpoint, list_checkpoints, load_checkpoint,
+                                 load_weights, low_space_warning, save_checkpoint, tensor_bytes, weights_state_dict)
 from pocketlm.config import TrainConfig
 from pocketlm.data import Dataset, load_dataset
 from pocketlm.device import autocast
-from pocketlm.errors import ConfigError, TrainingError
+from pocketlm.errors import DamagedCheckpoint, TrainingError
 from pocketlm.evaluate import evaluate_nll
 from pocketlm.losses import NextTokenLoss
 from pocketlm.metrics import MetricsLog
 from pocketlm.model import GPT
-from pocketlm.optim import CosineSchedule, Optimizers, build_optimizer
+from pocketlm.ema import WeightEMA
+from pocketlm.optim import Optimizers, Schedule, build_optimizer, make_schedule
 from pocketlm.parallelize import prepare_model
 from pocketlm.perf import keep_freed_memory_for_reuse, throughput
 from pocketlm.plan import COMPILE_SECONDS_ESTIMATE, Machine, RunPlan, make_plan, probe_machine, resume_plan
 from pocketlm.planner import GiB
 from pocketlm.progress import ProgressReporter
-from pocketlm.rundir import RunLock, check_resumable, resume_source, saved_train_config, set_aside_old_log
+from pocketlm.rundir import (RunLock, check_resumable, clean_up_after_crashes, first_usable, prepare_out_dir,
+                             resume_candidates, saved_train_config, set_aside_old_log, verified_record, write_atomically)
 from pocketlm.state import BatchStream, Progress, TrainState, capture_rng, restore_rng
-from pocketlm.tokenizer import Tokenizer, get_tokenizer
+from pocketlm.pretrained import resolve_start
+from pocketlm.tokenizer import Tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,11 +174,14 @@ class Run:
     data: Dataset
     state: TrainState
     objective: torch.nn.Module
-    schedule: CosineSchedule
+    schedule: Schedule
     record: dict[str, Any]
     """config.json: the training config, the model config and the plan."""
     resumed_from: Path | None
     notes: list[str]
+    space_warned: bool = False
+    saved: dict[int, Path] = field(default_factory=dict)
+    """Checkpoints this process wrote, by step (a signal right after a save saves nothing new)."""
 
     @property
     def out_dir(self) -> Path:
@@ -188,19 +195,41 @@ class Run:
         return collate(self.data.train, batch, self.tokenizer.eot_id)
 
     def evaluate(self) -> float:
+        """The validation loss, of the weight average when the run keeps one."""
+        ema = self.state.ema
+        with ema.applied(self.state.model) if ema is not None else contextlib.nullcontext():
+            return self._evaluate()
+
+    def _evaluate(self) -> float:
         return evaluate_nll(self.state.model, self.data.validation, batch_size=self.plan.batch_size,
                             device=self.device, precision=self.plan.precision, pad_id=self.tokenizer.eot_id,
                             max_batches=self.cfg.run.eval_batches).mean
 
     def save(self, val_loss: float | None) -> Path:
-        check_finite_weights(self.state.model, self.state.progress.step, self.last_good())
-        return save_checkpoint(self.out_dir, self.state.progress.step, weights_state_dict(self.state.model),
-                               self.tokenizer, self.record, self.state.state_dict(),
-                               keep=self.cfg.run.keep_checkpoints, val_loss=val_loss)
+        step = self.state.progress.step
+        if step in self.saved:
+            return self.saved[step]
+        check_finite_weights(self.state.model, step, self.last_good())
+        weights, state = weights_state_dict(self.state.model), self.state.state_dict()
+        ema = self.state.ema
+        average = {n: t.detach().contiguous() for n, t in zip(ema.names, ema.shadow)} if ema is not None else None
+        self.warn_if_space_is_low(tensor_bytes(weights) + tensor_bytes(state) + tensor_bytes(average))
+        self.saved[step] = save_checkpoint(self.out_dir, step, weights, self.tokenizer, self.record, state,
+                                           keep=self.cfg.run.keep_checkpoints, val_loss=val_loss, average=average)
+        return self.saved[step]
+
+    def warn_if_space_is_low(self, checkpoint_bytes: int) -> None:
+        """Once a run: say so before a save may find the disk full."""
+        warning = low_space_warning(checkpoints_dir(self.out_dir), checkpoint_bytes)
+        if warning is not None and not self.space_warned:
+            MetricsLog.warn(warning)
+            self.space_warned = True
 
     def last_good(self) -> Path | None:
-        """The newest checkpoint this run can fall back on (every saved one is finite)."""
-        return latest_checkpoint(self.out_dir) or self.resumed_from
+        """The newest checkpoint this run can fall back on: finite weights (no save lets others
+        through) and a finite validation loss where one was recorded."""
+        good = [p for p in list_checkpoints(self.out_dir) if is_finite_checkpoint(p)]
+        return good[-1] if good else self.resumed_from
 
 
 def check_finite_weights(model: torch.nn.Module, step: int, last_good: Path | None) -> None:
@@ -216,11 +245,23 @@ def non_finite(what: str, last_good: Path | None) -> TrainingError:
                          "start a new run (--out-dir NEW) with a lower --lr, or with --precision fp32")
 
 
-def _load_source(cfg: TrainConfig, source: Path) -> tuple[Checkpoint, TrainConfig]:
+def _load_source(cfg: TrainConfig, source: Path) -> tuple[Checkpoint, TrainConfig, dict[str, Any]]:
+    """A checkpoint to resume, read whole: weights (finite), its config, its training state."""
     ckpt = load_checkpoint(source, expected_model=cfg.model_config())
-    saved_cfg = saved_train_config(ckpt.config, ckpt.path / "config.json")
+    check_finite(ckpt.weights, ckpt.path / WEIGHTS)
+    saved_cfg = saved_train_config(ckpt.config, ckpt.path / CONFIG)
     check_resumable(saved_cfg, cfg, ckpt.path, branching=bool(cfg.run.resume))
-    return ckpt, saved_cfg
+    state = ckpt.load_state()
+    if not TrainState.KEYS <= set(state):
+        raise DamagedCheckpoint(f"{ckpt.path / STATE} is damaged (it lacks {sorted(TrainState.KEYS - set(state))})")
+    if saved_cfg.optim.ema_decay > 0 and (ckpt.average is None or "ema_updates" not in state):
+        raise DamagedCheckpoint(f"{ckpt.path} lacks the weight average of its --ema-decay run ({AVERAGE})")
+    return ckpt, saved_cfg, state
+
+
+def _check_folder_holds_same_run(cfg: TrainConfig, checkpoint: Path) -> None:
+    saved_cfg = saved_train_config(verified_record(checkpoint), checkpoint / CONFIG)
+    check_resumable(saved_cfg, cfg, checkpoint, branching=True)
 
 
 def _plan_for(cfg: TrainConfig, machine: Machine, data: Dataset, tokenizer: Tokenizer, ckpt: Checkpoint | None,
@@ -255,27 +296,38 @@ def build_state(cfg: TrainConfig, plan: RunPlan, train_lengths: np.ndarray) -> t
 def open_run(cfg: TrainConfig) -> Run:
     """Check the inputs, then the run folder; plan (or read the plan back); build the state and
     load the checkpoint being resumed. Writes nothing."""
+    start = resolve_start(cfg)  # the tokenizer; with --init or --tokenizer also the model's shape (and weights)
+    cfg, tokenizer = start.cfg, start.tokenizer
     model_cfg = cfg.model_config()
-    source = resume_source(cfg)
     machine = probe_machine(cfg)  # before seeding: the peak's random matrices draw from the global RNG
-    tokenizer = get_tokenizer("gpt2")
-    if model_cfg.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
     data = load_dataset(cfg.dataset.data, tokenizer, model_cfg.block_size, cfg.dataset.val_fraction,
                         Path(cfg.dataset.cache_dir) if cfg.dataset.cache_dir else None)
-    ckpt, saved_cfg = _load_source(cfg, source) if source is not None else (None, None)
-    folder_ckpt = latest_checkpoint(cfg.resolved_out_dir())
-    if folder_ckpt is not None and (ckpt is None or folder_ckpt != ckpt.path):
-        _load_source(cfg, folder_ckpt)  # a branch into a folder that holds another run is refused
+    damage: list[str] = []  # damaged checkpoints passed over, newest first
+    found = first_usable(*resume_candidates(cfg), load=lambda path: _load_source(cfg, path), warn=damage.append)
+    ckpt, saved_cfg, saved_state = found[1] if found is not None else (None, None, None)
+    own = checkpoints_dir(cfg.resolved_out_dir())
+    if ckpt is None or ckpt.path.parent.resolve() != own.resolve():  # a branch into a folder holding another run
+        first_usable(list(reversed(list_checkpoints(cfg.resolved_out_dir()))), True,
+                     load=lambda path: _check_folder_holds_same_run(cfg, path), warn=lambda msg: None)
     plan, notes = _plan_for(cfg, machine, data, tokenizer, ckpt, saved_cfg)
+    notes = damage + start.notes + notes
     if machine.warning is not None:
         notes.append(machine.warning)
     state, objective = build_state(cfg, plan, data.train.lengths)
     if ckpt is not None:
-        load_weights(state.model, ckpt.weights, ckpt.path)
-        state.load_state_dict(ckpt.load_state())
-    schedule = CosineSchedule(cfg.optim.lr, plan.total_steps, plan.warmup_steps, cfg.optim.min_lr_ratio)
+        start.check_resumed_tokenizer(ckpt.tokenizer, ckpt.path)
+        load_weights(state.model, ckpt.weights, ckpt.path / WEIGHTS)
+        state.load_state_dict(saved_state)
+    elif start.init is not None:  # --init: the source's weights in place of the random ones
+        load_weights(state.model, start.init.weights(model_cfg), start.init.description)
+    if cfg.optim.ema_decay > 0:  # the average starts from the weights as they now are
+        state.ema = WeightEMA(state.model, cfg.optim.ema_decay)
+        if ckpt is not None:
+            state.ema.load_state_dict({"updates": saved_state["ema_updates"], "weights": ckpt.average})
+    schedule = make_schedule(cfg.optim, plan.total_steps, plan.warmup_steps)
     record = {"train": cfg.to_dict(), "model": dataclasses.asdict(model_cfg), "plan": plan.to_dict()}
+    if start.origin is not None:
+        record["init"] = start.origin  # where the weights came from
     return Run(cfg, plan, tokenizer, data, state, objective, schedule, record,
                ckpt.path if ckpt is not None else None, notes)
 
@@ -289,7 +341,7 @@ def start_log(run: Run, log: MetricsLog) -> None:
                "start_step": run.state.progress.step, "compiled": plan.compiled,
                "cpu_memory_reuse": plan.device == "cpu" and keep_freed_memory_for_reuse(),
                "peak_flops": plan.peak_flops, "peak_flops_source": plan.peak_flops_source,
-               "flops_per_token": plan.flops_per_token})
+               "flops_per_token": plan.flops_per_token, "init": run.record.get("init")})
     if plan.predicted_peak_bytes is not None:
         log.write({"event": "memory_plan", "vram": run.cfg.memory.vram, "predicted_peak_bytes": plan.predicted_peak_bytes,
                    "batch_size": plan.batch_size, "grad_accum": plan.grad_accum,
@@ -301,7 +353,8 @@ def start_log(run: Run, log: MetricsLog) -> None:
         log.write({"event": "note", "message": note})
         log.console(note)
     step = run.state.progress.step
-    log.console(f"model {run.cfg.preset}: {model.num_parameters() / 1e6:.1f}M parameters on {plan.device} "
+    name = f"from {run.cfg.run.init}" if run.cfg.run.init else run.cfg.preset  # --init: the preset gave no shape
+    log.console(f"model {name}: {model.num_parameters() / 1e6:.1f}M parameters on {plan.device} "
                 f"({plan.precision}{', compiled' if plan.compiled else ''}); {run.data.train.n_tokens:,} training "
                 f"tokens; {plan.total_steps} steps" + (f"; resuming at step {step}" if step else ""))
 
@@ -317,12 +370,14 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
     progress lines otherwise."""
     run = open_run(cfg)
     out_dir = run.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_out_dir(out_dir)
     mode = {True: "bar", False: "off", None: "auto"}[show_progress]
     with RunLock(out_dir, warn=MetricsLog.warn), deferred_signals() as signals:
+        clean_up_after_crashes(out_dir, warn=MetricsLog.warn)
         if run.resumed_from is None and (kept := set_aside_old_log(out_dir)) is not None:
             MetricsLog.console(f"{out_dir} held no checkpoint: starting afresh (the earlier log is kept as {kept.name})")
-        (out_dir / "config.json").write_text(json.dumps(run.record, indent=2, sort_keys=True))
+        write_atomically(out_dir / CONFIG, json.dumps(run.record, indent=2, sort_keys=True))
+        run.warn_if_space_is_low(3 * tensor_bytes(weights_state_dict(run.state.model)))  # weights + AdamW moments
         with contextlib.closing(MetricsLog(out_dir)) as log, \
                 contextlib.closing(ProgressReporter(run.plan.total_steps, run.state.progress.step, mode)) as report:
             start_log(run, log)
@@ -335,18 +390,21 @@ def run_loop(run: Run, log: MetricsLog, report: ProgressReporter, signals: list[
     progress, total = state.progress, plan.total_steps
     first_step = progress.step
     val_loss: float | None = None
-    final = latest_checkpoint(run.out_dir) if progress.step >= total else None
-    if progress.step >= total:
-        log.console(f"run already complete at step {progress.step}; use a new --out-dir to train again")
+    done = progress.step >= total or progress.stopped_early > 0
+    final = latest_checkpoint(run.out_dir) if done else None
+    if done:
+        how = "stopped early" if progress.stopped_early else "complete"
+        log.console(f"run already {how} at step {progress.step}; use a new --out-dir to train again")
     elif progress.step == 0:
         val_loss = evaluate_and_log(run, log, report)  # the untrained model: the curve's starting point
+        track_best(progress, val_loss, cfg.run.early_stopping)
 
     def step(micro: list[MicroBatch], lr: float) -> tuple[float, float]:
         return train_step(run.objective, state.optimizer, micro, lr=lr, device=run.device, precision=plan.precision,
                           scaler=state.scaler, grad_clip=cfg.optim.grad_clip)
 
     window_tokens, window_start = 0, time.perf_counter()
-    while progress.step < total:
+    while not done:
         if state.stream.starts_epoch:
             stats = state.stream.epoch_stats()
             log.write({"event": "epoch", "epoch": state.stream.epoch, "real_tokens": stats.real_tokens,
@@ -359,8 +417,11 @@ def run_loop(run: Run, log: MetricsLog, report: ProgressReporter, signals: list[
             loss, grad_norm, step_tokens = step_halving_on_oom(lambda m: step(m, lr), group, state, run.collate,
                                                                run.device, log)
         except NonFiniteStep as bad:
-            raise non_finite(f"loss became {bad.loss} (gradient norm {bad.grad_norm}) at step {progress.step + 1}",
-                             run.last_good()) from None
+            what = (f"loss became {bad.loss} (gradient norm {bad.grad_norm})" if not math.isfinite(bad.loss) else
+                    f"gradient norm became {bad.grad_norm} (loss {bad.loss:.4f})")
+            raise non_finite(f"{what} at step {progress.step + 1}", run.last_good()) from None
+        if state.ema is not None:
+            state.ema.update(state.model)
         progress.step += 1
         progress.tokens_seen += step_tokens
         state.stream.advance(len(group))
@@ -376,16 +437,34 @@ def run_loop(run: Run, log: MetricsLog, report: ProgressReporter, signals: list[
         evaluated = progress.step % cfg.run.eval_interval == 0 or progress.step == total
         if evaluated:
             val_loss = evaluate_and_log(run, log, report)
-        if progress.step % cfg.run.save_interval == 0 or progress.step == total:
+            if track_best(progress, val_loss, cfg.run.early_stopping):
+                progress.stopped_early = progress.step
+        done = progress.step >= total or progress.stopped_early > 0
+        if progress.step % cfg.run.save_interval == 0 or done:
             final = run.save(val_loss if evaluated else None)
         window_start += time.perf_counter() - paused
+        if progress.stopped_early:
+            log.write({"event": "early_stop", "step": progress.step, "best_val_loss": progress.best_val_loss})
+            log.console(f"early stopping at step {progress.step}: no better validation loss in "
+                        f"{progress.evals_since_best} evaluations (best {progress.best_val_loss:.4f}, "
+                        f"checkpoint {best_checkpoint(run.out_dir).name})")
         if on_step is not None:
             on_step(progress.step)
-        if signals and progress.step < total:
+        if signals and not done:
             saved = run.save(None)
             log.write({"event": "interrupted", "step": progress.step, "checkpoint": str(saved)})
             raise Interrupted(signals[0], progress.step, saved)
     return TrainResult(run.out_dir, progress.step, final, val_loss, log.history)
+
+
+def track_best(progress: Progress, val_loss: float, patience: int | None) -> bool:
+    """Record a validation loss; True when early stopping (``patience`` evaluations in a row
+    without a new best) says the run is done."""
+    if val_loss < progress.best_val_loss:
+        progress.best_val_loss, progress.evals_since_best = val_loss, 0
+    else:
+        progress.evals_since_best += 1
+    return patience is not None and progress.evals_since_best >= patience
 
 
 def evaluate_and_log(run: Run, log: MetricsLog, report: ProgressReporter) -> float:
