@@ -238,11 +238,11 @@ def replace_section(text: str, section: str, heading: str) -> str:
 
 def update_docs(section: str, heading: str, path: Path = DOCS) -> None:
     """Rewrite one section of the benchmarks page atomically; the other sections stay as they are."""
+    from pocketlm.rundir import write_atomically
+
     text = path.read_text(encoding="utf-8") if path.is_file() else DOCS_INTRO
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(replace_section(text, section, heading), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(path, replace_section(text, section, heading))
 
 
 def add_common_options(parser: argparse.ArgumentParser, heading: str, threads: str = "torch's own") -> None:

@@ -103,6 +103,7 @@ from workloads import train_config  # noqa: E402
 
 from pocketlm import perf  # noqa: E402
 from pocketlm.config import PRESETS, build_train_config  # noqa: E402
+from pocketlm.rundir import write_atomically  # noqa: E402
 from pocketlm.data import read_text, split_wikitext_articles  # noqa: E402
 from pocketlm.generate import Generator  # noqa: E402
 from pocketlm.hf import to_hf_model  # noqa: E402
@@ -535,13 +536,6 @@ def verdicts(sections: dict[str, Any]) -> dict[str, Any]:
     return judge(TARGETS, values)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run_check(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     clock = Stopwatch("gpu_check")
     sizes = DRY_SIZES if args.dry_run else GPU_SIZES
@@ -559,6 +553,7 @@ def run_check(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any
                               planner_figures=planner_figures(sections), targets=verdicts(sections))
 
     budget = 600.0 if args.dry_run else args.budget_s
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pocketlm-gpu-check-") as tmp:
         text_path = args.data if sizes.text_chars is None else Path(tmp) / "text.raw"
         if text_path != args.data:

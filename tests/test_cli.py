@@ -3,7 +3,6 @@ killed mid-run (SIGTERM and kill -9) that resume to the same weights."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -15,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from pocketlm.checkpoint import latest_checkpoint
-from pocketlm.cli import main
 from pocketlm.losses import NextTokenLoss
+
+from cli_checks import assert_one_line_error, run_cli, tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--preset", "tiny", "--batch-size", "2", "--grad-accum", "2", "--precision", "fp32", "--device", "cpu",
@@ -28,30 +28,6 @@ def small_yaml(tmp_path):
     path = tmp_path / "small.yaml"
     path.write_text("model:\n  n_layer: 1\n  n_embd: 64\n  n_head: 2\n  block_size: 64\n", encoding="utf-8")
     return path
-
-
-def run_cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *needles):
-    """Exit 2, no traceback, and exactly one error line (progress lines before it are fine)."""
-    assert code == 2
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("pocketlm: error: ")]
-    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-
-
-def tree_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(file.relative_to(path)).encode())
-        h.update(file.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.mark.parametrize("content, needle", [

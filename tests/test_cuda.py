@@ -26,6 +26,8 @@ from pocketlm.plan import Machine, make_plan, probe_machine
 from pocketlm.state import TrainState
 from pocketlm.train import build_state, step_halving_on_oom, train_step
 
+from test_generate import make_model  # random weights with well-separated logits
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda], id="cuda")
 DEVICES = [pytest.param("cpu", id="cpu"), CUDA]
@@ -175,15 +177,7 @@ def test_packed_document_attention_matches_each_document_alone_and_the_cpu(devic
 def greedy_model() -> GPT:
     """GPT-2's vocabulary on a model small enough to decode in milliseconds, with well-separated
     logits so that greedy choices are not decided by rounding (as in test_generate.py)."""
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=VOCAB, dropout=0.0)).eval()
-    with torch.no_grad():
-        model.transformer.wte.weight.normal_(0.0, 1.0)
-        model.transformer.wpe.weight.normal_(0.0, 1.0)
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-    return model
+    return make_model(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=VOCAB, dropout=0.0))
 
 
 def greedy_tokens(model: GPT, tokenizer, device: str, prompts: list[str], **settings) -> list[list[int]]:

@@ -33,10 +33,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pocketlm import checkpoint as ckpt_mod
-from pocketlm.checkpoint import HASHED_FILES, latest_checkpoint, list_checkpoints, meta_digest
+from pocketlm.checkpoint import HASHED_FILES, list_checkpoints, meta_digest
 from pocketlm.cli import main
 from pocketlm.losses import NextTokenLoss
 from pocketlm.metrics import MetricsLog
+
+from cli_checks import assert_one_line_error, run_cli, tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--preset", "tiny", "--batch-size", "2", "--grad-accum", "2", "--precision", "fp32", "--device", "cpu",
@@ -83,33 +85,9 @@ def final_weights(run: Path) -> bytes:
     return (run / "checkpoints" / FINAL / "model.safetensors").read_bytes()
 
 
-def run_cli(capsys, args: list[str]) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> str:
-    assert code == 2, err
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("pocketlm: error: ")]
-    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
-
-
-def tree_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(file.relative_to(path)).encode())
-        h.update(file.read_bytes())
-    return h.hexdigest()
-
-
 def assert_recovers(capsys, command, run: Path, straight: Path) -> str:
     """The same command again finishes the run with the uninterrupted run's weights."""
-    code, out, err = run_cli(capsys, command(run))
+    code, out, err = run_cli(capsys, *command(run))
     assert code == 0, err
     assert "Traceback" not in err
     assert final_weights(run) == final_weights(straight)
@@ -256,7 +234,7 @@ def test_damaged_checkpoint_gets_one_line_naming_the_file(capsys, damaged_run, s
     run, (_, _, _, names, eval_reads_it) = damaged_run
     ckpt = run / "checkpoints" / FINAL
     before = tree_digest(run)
-    code, out, err = run_cli(capsys, ["eval", "--checkpoint", ckpt, "--data", short_text])
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data", short_text)
     if eval_reads_it:
         assert_one_line_error(code, err, names)
     else:  # evaluation needs no training state; nothing in it was unpickled
@@ -275,7 +253,7 @@ def test_resume_passes_over_the_damaged_checkpoint(capsys, monkeypatch, damaged_
     opened = []
     monkeypatch.setattr("pocketlm.train.run_loop", lambda run, *rest: opened.append(run) or
                         TrainResult(run.out_dir, run.state.progress.step, None, None))
-    code, _, err = run_cli(capsys, command(run))
+    code, _, err = run_cli(capsys, *command(run))
     assert code == 0, err
     assert opened[0].resumed_from.name == "step-00000002" and opened[0].state.progress.step == 2
     warning = [line for line in err.splitlines() if "resuming from the previous checkpoint, step-00000002" in line]
@@ -323,7 +301,7 @@ def test_every_checkpoint_damaged_says_what_to_do_and_that_works(capsys, straigh
         truncate(ckpt / "model.safetensors")
     before = tree_digest(run)
     for _ in range(2):  # the same command gives the same line, and changes nothing
-        code, _, err = run_cli(capsys, command(run))
+        code, _, err = run_cli(capsys, *command(run))
         assert_one_line_error(code, err, "model.safetensors", "every checkpoint is damaged",
                               f"move {run / 'checkpoints'} aside")
         assert tree_digest(run) == before
@@ -335,7 +313,7 @@ def test_explicit_resume_of_a_damaged_checkpoint_is_refused(capsys, straight, co
     run = tmp_path / "run"
     shutil.copytree(straight, run)
     flip_byte(run / "checkpoints" / FINAL / "model.safetensors")
-    code, _, err = run_cli(capsys, command(tmp_path / "branch") + ["--resume", run / "checkpoints" / FINAL])
+    code, _, err = run_cli(capsys, *command(tmp_path / "branch") + ["--resume", run / "checkpoints" / FINAL])
     assert_one_line_error(code, err, "model.safetensors", "checksum")
 
 
@@ -343,7 +321,7 @@ def test_generate_refuses_non_finite_weights(capsys, straight, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(straight, run)
     rewrite_weights(run / "checkpoints" / FINAL, poison)
-    code, _, err = run_cli(capsys, ["generate", "--checkpoint", run, "--prompt", "The", "--max-new-tokens", "3"])
+    code, _, err = run_cli(capsys, "generate", "--checkpoint", run, "--prompt", "The", "--max-new-tokens", "3")
     assert_one_line_error(code, err, "not finite", "earlier checkpoint")
 
 
@@ -391,7 +369,7 @@ def test_nan_is_never_saved_and_names_the_last_good_checkpoint(capsys, monkeypat
         resumed_micro_batches = 4 if attempt and step > 2 else 0  # the second attempt starts after step 2
         monkeypatch.undo()
         poison_training_from(monkeypatch, micro_batch - resumed_micro_batches, how)
-        code, _, err = run_cli(capsys, command(run))
+        code, _, err = run_cli(capsys, *command(run))
         line = assert_one_line_error(code, err, f"at step {step}", "nothing was saved", "lower --lr")
         assert re.search(rf"last good checkpoint: [^;]*{last_good}", line), line
         assert [p.name for p in list_checkpoints(run)] == ([] if step <= 2 else ["step-00000002"])
@@ -424,7 +402,7 @@ def test_an_update_that_overflows_the_weights_is_never_saved(capsys, monkeypatch
 
     monkeypatch.setattr(Optimizers, "step", step)
     run = tmp_path / "run"
-    code, _, err = run_cli(capsys, command(run, *flags))
+    code, _, err = run_cli(capsys, *command(run, *flags))
     line = assert_one_line_error(code, err, needle, "nothing was saved", "lower --lr")
     assert re.search(r"last good checkpoint: [^;]*step-00000002", line), line
     assert [p.name for p in list_checkpoints(run)] == ["step-00000001", "step-00000002"]
@@ -436,7 +414,7 @@ def test_eval_refuses_a_non_finite_loss(capsys, straight, tmp_path, short_text):
     shutil.copytree(straight, run)
     rewrite_weights(run / "checkpoints" / FINAL,
                     lambda w: w.update({"transformer.ln_f.weight": torch.full_like(w["transformer.ln_f.weight"], 3e38)}))
-    code, out, err = run_cli(capsys, ["eval", "--checkpoint", run, "--data", short_text])
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", run, "--data", short_text)
     assert_one_line_error(code, err, "non-finite loss")
     assert out == ""
 
@@ -480,7 +458,7 @@ def test_save_refused_by_the_disk_fails_cleanly(capsys, monkeypatch, command, st
                                                 name, code, why):
     run = tmp_path / "run"
     refuse_nth_call(monkeypatch, owner, name, 2, code, partial=True)  # the first save works, the second fails
-    exit_code, _, err = run_cli(capsys, command(run))
+    exit_code, _, err = run_cli(capsys, *command(run))
     assert_one_line_error(exit_code, err, "step 4", why, "needs about", "MB", "step-00000002", "is intact",
                           "run the same command")
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]  # no temporary folder left
@@ -499,7 +477,7 @@ def test_log_write_refused_mid_run_fails_cleanly(capsys, monkeypatch, command, s
         return real(self, record)
 
     monkeypatch.setattr(MetricsLog, "write", write)
-    code, _, err = run_cli(capsys, command(run))
+    code, _, err = run_cli(capsys, *command(run))
     assert_one_line_error(code, err, "metrics.jsonl", "No space left", "run the same command again")
     monkeypatch.undo()
     assert_recovers(capsys, command, run, straight)
@@ -509,7 +487,7 @@ def test_out_dir_that_is_a_file_or_under_one(capsys, command, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     for out, needle in ((blocker, "is a file"), (blocker / "run", "under a file")):
-        code, _, err = run_cli(capsys, command(out))
+        code, _, err = run_cli(capsys, *command(out))
         assert_one_line_error(code, err, needle, "--out-dir")
     assert blocker.read_text() == "not a folder"
 
@@ -528,7 +506,7 @@ def test_leftovers_of_a_refused_save_are_cleaned_up_by_the_next_start(capsys, co
 def test_low_space_is_warned_before_a_save(capsys, monkeypatch, command, straight, tmp_path):
     run = tmp_path / "run"
     monkeypatch.setattr(ckpt_mod, "free_bytes", lambda folder: 10_000_000)
-    code, _, err = run_cli(capsys, command(run))
+    code, _, err = run_cli(capsys, *command(run))
     assert code == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("pocketlm: warning: only 10 MB free")]
     assert len(warnings) == 1 and "a checkpoint needs about" in warnings[0], err

@@ -230,8 +230,8 @@ def save_checkpoint(out_dir: str | Path, step: int, weights: dict[str, torch.Ten
                     val_loss: float | None = None, average: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``step-<step>`` atomically and keep only the newest ``keep`` checkpoints.
     ``weights``: ``weights_state_dict(model)``; ``val_loss``, if the step was evaluated, is recorded
-    in meta.json; ``average``, the weight average (``ema.safetensors``). A write the disk refuses raises a one-line ``CheckpointError`` (see ``DISK_ERRNOS``)
-    after removing the temporary folder."""
+    in meta.json; ``average``, the weight average (``ema.safetensors``). A write the disk refuses
+    raises a one-line ``CheckpointError`` (see ``DISK_ERRNOS``) after removing the temporary folder."""
     folder = checkpoints_dir(out_dir)
     final = folder / f"step-{step:08d}"
     tmp = folder / f"{TMP_PREFIX}{step:08d}-{os.getpid()}"
@@ -379,7 +379,8 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise DamagedCheckpoint(f"{where} is damaged (it says step {step}, its folder is {path.name})")
     files = meta.get("files")
     if not isinstance(files, dict) or any(not isinstance(files.get(n), str) for n in HASHED_FILES):
-        raise DamagedCheckpoint(f"{where} is damaged (it does not list a SHA-256 for each of {', '.join(HASHED_FILES)})")
+        raise DamagedCheckpoint(f"{where} is damaged (it does not list a SHA-256 for each of "
+                                f"{', '.join(HASHED_FILES)})")
     if not isinstance(meta.get("tokenizer"), str):
         raise DamagedCheckpoint(f"{where} is damaged (no tokenizer identity)")
     return meta
@@ -411,25 +412,25 @@ def load_checkpoint(path: str | Path, expected_model: ModelConfig | None = None)
     model_config = ModelConfig(**config["model"])
     if expected_model is not None:
         check_same_model(model_config, expected_model, path)
-    try:
-        weights = load_file(str(path / WEIGHTS))
-    except (SafetensorError, OSError) as exc:
-        raise DamagedCheckpoint(f"{path / WEIGHTS} cannot be read: {str(exc).splitlines()[0]}") from None
-    check_weights_fit(weights, model_config, path / WEIGHTS)
+    weights = _read_weights(path / WEIGHTS, model_config)
     try:
         tokenizer = Tokenizer.load(path, name=meta["tokenizer"].split(":")[0])
     except DataError:
         raise DamagedCheckpoint(f"checkpoint file {path / TOKENIZER} is damaged (not a tokenizer)") from None
     if tokenizer.identity != meta["tokenizer"]:
         raise DamagedCheckpoint(f"{path / TOKENIZER} does not match the tokenizer recorded in {META}")
-    average = None
-    if AVERAGE in meta["files"]:
-        try:
-            average = load_file(str(path / AVERAGE))
-        except (SafetensorError, OSError) as exc:
-            raise DamagedCheckpoint(f"{path / AVERAGE} cannot be read: {str(exc).splitlines()[0]}") from None
-        check_weights_fit(average, model_config, path / AVERAGE)
+    average = _read_weights(path / AVERAGE, model_config) if AVERAGE in meta["files"] else None
     return Checkpoint(path, meta["step"], config, weights, tokenizer, meta, average)
+
+
+def _read_weights(file: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A safetensors file of this model's weights (the trained ones, or their average)."""
+    try:
+        weights = load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise DamagedCheckpoint(f"{file} cannot be read: {str(exc).splitlines()[0]}") from None
+    check_weights_fit(weights, config, file)
+    return weights
 
 
 def expected_weights(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -446,12 +447,14 @@ def check_weights_fit(weights: dict[str, torch.Tensor], config: ModelConfig, whe
     expected = expected_weights(config)
     if set(weights) != set(expected):
         missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-        raise DamagedCheckpoint(f"{where}: weights do not fit this model (missing {missing[:3]}, unexpected {extra[:3]})")
+        raise DamagedCheckpoint(f"{where}: weights do not fit this model (missing {missing[:3]}, "
+                                f"unexpected {extra[:3]})")
     for name, (shape, dtype) in expected.items():
         found = weights[name]
         if tuple(found.shape) != shape or found.dtype != dtype:
             raise DamagedCheckpoint(f"{where}: {name} is {str(found.dtype).removeprefix('torch.')} "
-                                  f"{tuple(found.shape)}, the model needs {str(dtype).removeprefix('torch.')} {shape}")
+                                    f"{tuple(found.shape)}, the model needs "
+                                    f"{str(dtype).removeprefix('torch.')} {shape}")
 
 
 def check_same_model(found: ModelConfig, expected: ModelConfig, path: Path) -> None:

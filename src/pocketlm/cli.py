@@ -8,7 +8,6 @@ training save a checkpoint and exit with 128 + the signal number.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import inspect
 import json
 import math
@@ -27,7 +26,6 @@ from pocketlm.errors import PocketLMError
 # Typer >= 0.20 vendors its own click; older releases raise the click package's exceptions.
 _USAGE_ERRORS = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
 _EXIT = (click.exceptions.Exit, typer.Exit)
-_DISK_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 _ABORT = (click.exceptions.Abort, typer.Abort)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -394,6 +392,7 @@ def tokenizer_train_command(
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status instead of calling sys.exit itself."""
+    from pocketlm.checkpoint import DISK_ERRNOS
     from pocketlm.train import Interrupted
 
     command = typer.main.get_command(app)
@@ -412,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pocketlm: {exc}; saved {exc.checkpoint}; run the same command again to resume", file=sys.stderr)
         return 128 + exc.signum
     except OSError as exc:  # a disk that refuses a write outside a checkpoint save (log, config, cache)
-        if exc.errno not in _DISK_REFUSALS:
+        if exc.errno not in DISK_ERRNOS:
             raise
         where = f" {exc.filename}" if exc.filename else ""
         print(f"pocketlm: error: cannot write{where}: {exc.strerror}; checkpoints already saved are intact: free "

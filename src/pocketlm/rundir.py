@@ -177,7 +177,7 @@ def clean_up_after_crashes(out_dir: Path, warn: Callable[[str], None]) -> None:
 
 def write_atomically(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` whole or not at all (a full disk leaves the old file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)

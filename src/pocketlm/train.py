@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from pocketlm.batching import Batch, MicroBatch, collate, split_batch
-from pocketlm.checkpoint import (AVERAGE, CONFIG, STATE, WEIGHTS, Checkpoint, best_checkpoint, check_finite, checkpoints_dir,
-                                 is_finite_checkpoint, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                 load_weights, low_space_warning, save_checkpoint, tensor_bytes, weights_state_dict)
+from pocketlm.checkpoint import (AVERAGE, CONFIG, STATE, WEIGHTS, Checkpoint, best_checkpoint, check_finite,
+                                 checkpoints_dir, is_finite_checkpoint, latest_checkpoint, list_checkpoints,
+                                 load_checkpoint, load_weights, low_space_warning, save_checkpoint, tensor_bytes,
+                                 weights_state_dict)
 from pocketlm.config import TrainConfig
 from pocketlm.data import Dataset, load_dataset
 from pocketlm.device import autocast
@@ -212,7 +213,7 @@ class Run:
         check_finite_weights(self.state.model, step, self.last_good())
         weights, state = weights_state_dict(self.state.model), self.state.state_dict()
         ema = self.state.ema
-        average = {n: t.detach().contiguous() for n, t in zip(ema.names, ema.shadow)} if ema is not None else None
+        average = ema.state_dict()["weights"] if ema is not None else None
         self.warn_if_space_is_low(tensor_bytes(weights) + tensor_bytes(state) + tensor_bytes(average))
         self.saved[step] = save_checkpoint(self.out_dir, step, weights, self.tokenizer, self.record, state,
                                            keep=self.cfg.run.keep_checkpoints, val_loss=val_loss, average=average)
