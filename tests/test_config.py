@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from pocketlm.cli import main
-from pocketlm.config import (SECTIONS, FIXED, FREE, LENGTH, ModelConfig, TrainConfig, build_train_config,
+from pocketlm.config import (SECTIONS, FIXED, FREE, LAUNCH, LENGTH, ModelConfig, TrainConfig, build_train_config,
                              config_from_dict, field_docs, on_resume)
 from pocketlm.errors import ConfigError
 
@@ -99,7 +99,7 @@ def test_every_field_is_documented_has_a_resume_rule_and_a_flag(capsys):
             assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
             assert "--" + f.name.replace("_", "-") in helptext, f.name
             if cls is not ModelConfig:
-                assert on_resume(f.name) in (FIXED, FREE, LENGTH)
+                assert on_resume(f.name) in (FIXED, FREE, LENGTH, LAUNCH)
     assert on_resume("lr") == FIXED and on_resume("eval_interval") == FREE and on_resume("max_steps") == LENGTH
     for flag in ("--compile / --no-compile", "--low-memory", "--config", "--preset"):
         assert flag in helptext

@@ -79,6 +79,40 @@ def test_resume_reads_the_plan_back_and_replans_only_what_may_change():
     assert RunPlan.from_dict(json.loads(json.dumps(saved.to_dict()))) == saved
 
 
+def test_the_plan_splits_each_step_across_the_ranks_and_a_resume_may_change_their_number():
+    from pocketlm.errors import ConfigError
+
+    cfg = tiny(max_steps=100, batch_size=2, grad_accum=4)
+    two = dataclasses.replace(CPU, world_size=2)
+    plan = make_plan(cfg, two, LENGTHS)
+    assert (plan.world_size, plan.rank_accum, plan.fsdp) == (2, 2, False)
+    assert (plan.batch_size, plan.grad_accum) == (2, 4)
+    assert plan.steps_per_epoch == make_plan(cfg, CPU, LENGTHS).steps_per_epoch
+    with pytest.raises(ConfigError, match="cannot be split evenly across 3 ranks"):
+        make_plan(cfg, dataclasses.replace(CPU, world_size=3), LENGTHS)
+    with pytest.raises(ConfigError, match="needs at least two"):
+        make_plan(tiny(fsdp=True), CPU, LENGTHS)
+    with pytest.raises(ConfigError, match="--low-memory works in a single process"):
+        make_plan(tiny(low_memory=True), two, LENGTHS)
+    with pytest.raises(ConfigError, match="fp16"):
+        make_plan(tiny(fsdp=True), Machine("cuda", "fp16", None, "unavailable", world_size=2), LENGTHS)
+    # Saved on two ranks, resumed on one and on four (sharded): the same global batch.
+    one, notes = resume_plan(plan, cfg, cfg, CPU)
+    assert (one.world_size, one.rank_accum) == (1, 4) and "1 rank(s)" in notes[0]
+    four, notes = resume_plan(plan, cfg, tiny(max_steps=100, batch_size=2, grad_accum=4, fsdp=True),
+                              dataclasses.replace(CPU, world_size=4))
+    assert (four.world_size, four.rank_accum, four.fsdp) == (4, 1, True) and any("sharded" in n for n in notes)
+    with pytest.raises(ConfigError, match="3 ranks"):
+        resume_plan(plan, cfg, cfg, dataclasses.replace(CPU, world_size=3))
+    # A --vram budget is per rank: the planner keeps each step splittable and counts the shards.
+    budget = build_train_config(None, vram="3GB", batch_size=4, grad_accum=4)
+    cuda = Machine("cuda", "bf16", None, "unavailable", memory_budget_bytes=3 * GiB, world_size=2)
+    fitted = make_plan(budget, cuda, np.array([512] * 64))
+    assert fitted.grad_accum % 2 == 0 and fitted.batch_size * fitted.grad_accum == 16
+    sharded = make_plan(budget.replace(fsdp=True), cuda, np.array([512] * 64))
+    assert sharded.predicted_peak_bytes < fitted.predicted_peak_bytes
+
+
 @pytest.mark.slow
 @pytest.mark.real_peak
 def test_kill_dash_nine_then_resume_on_a_slower_machine_keeps_the_plan(tmp_path, corpus_file, monkeypatch):

@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pocketlm.batching import MicroBatch
 from pocketlm.cli import main
@@ -17,8 +19,8 @@ from pocketlm.losses import NextTokenLoss
 from pocketlm.model import GPT
 from pocketlm.optim import build_optimizer
 from pocketlm.parallelize import prepare_model
-from pocketlm.planner import (GiB, MiB, CardLosses, card_losses, fit_to_budget, num_parameters, parse_size,
-                              predict_peak)
+from pocketlm.planner import (FP32, GiB, MiB, CardLosses, MemoryPlan, card_losses, fit_to_budget, format_plan,
+                              num_parameters, parse_size, predict_peak)
 from pocketlm.train import train, train_step
 from memtrack import measure_peak  # benchmarks/memtrack.py: the memory probe the benchmarks use
 
@@ -216,3 +218,92 @@ def test_out_of_memory_at_one_sequence_is_a_clear_error(corpus_file, tmp_path, m
                              precision="fp32", device="cpu")
     with pytest.raises(TrainingError, match="out of memory"):
         train(cfg, show_progress=False)
+
+
+# Sharding (FSDP2) and data parallelism: pure arithmetic on gpt2-125m, no model is built.
+
+GPT2 = PRESETS["gpt2-125m"]
+
+
+def expected_gathered(config: ModelConfig, param_bytes: int) -> int:
+    """FSDP2's unsharded working copies, written out from its schedule: the root (embeddings and
+    final LayerNorm) gathered with its fp32 gradient, two blocks gathered and one block's fp32 gradient."""
+    C, V = config.n_embd, config.vocab_size
+    root = V * C + config.block_size * C + 2 * C
+    block = 12 * C * C + 13 * C
+    return param_bytes * root + FP32 * root + 2 * param_bytes * block + FP32 * block
+
+
+def test_one_shard_is_the_single_process_plan():
+    """shards=1 is today's plan to the byte (pinned), and ranks=1, shards=1 today's fit."""
+    plan = predict_peak(GPT2, 4, precision="bf16", checkpointing="selective", full_blocks=2, device="cpu", shards=1)
+    assert plan == MemoryPlan(weights=496186368, gradients=496186368, optimizer=992372736, activations=403636224,
+                              logits_and_loss=207591204, workspace=77879187)
+    assert plan.gathered == 0 and plan.total == 2673852087
+    for precision, checkpointing, low_memory in [("fp32", "none", False), ("bf16", "full", True), ("fp16", "none", False)]:
+        kwargs = dict(precision=precision, checkpointing=checkpointing, device="cuda", low_memory=low_memory)
+        assert predict_peak(GPT2, 2, 256, shards=1, **kwargs) == predict_peak(GPT2, 2, 256, **kwargs)
+    assert "gathered" not in format_plan(plan)
+    for gib in (3, 8):
+        assert (fit_to_budget(GPT2, gib * GiB, batch_size=4, grad_accum=4, device="cuda", ranks=1, shards=1)
+                == fit_to_budget(GPT2, gib * GiB, batch_size=4, grad_accum=4, device="cuda"))
+
+
+@pytest.mark.parametrize("precision, param_bytes", [("bf16", 2), ("fp32", 4)])
+def test_two_shards_halve_the_persistent_state_and_add_the_gathered_copies(precision, param_bytes):
+    whole = predict_peak(GPT2, 4, precision=precision, checkpointing="selective", device="cuda")
+    half = predict_peak(GPT2, 4, precision=precision, checkpointing="selective", device="cuda", shards=2)
+    params = num_parameters(GPT2)  # even, so the halves are exact
+    assert (half.weights, half.gradients, half.optimizer) == (FP32 * params // 2, FP32 * params // 2,
+                                                              2 * FP32 * params // 2)
+    assert half.gathered == expected_gathered(GPT2, param_bytes) > 0
+    # selective checkpointing saves no weight copies: the sharding leaves the activations alone
+    assert half.activations == whole.activations
+    # Under bf16 the output layer reads the gathered weight, already in bf16: no copy of its own.
+    cast = 2 * GPT2.vocab_size * GPT2.n_embd if precision == "bf16" else 0
+    assert half.logits_and_loss == whole.logits_and_loss - cast
+    assert half.total == sum(v for k, v in half.as_dict().items() if k != "total")
+    assert "gathered" in format_plan(half)
+
+
+@settings(max_examples=25)
+@given(batch_size=st.integers(1, 16), precision=st.sampled_from(["bf16", "fp16", "fp32"]),
+       checkpointing=st.sampled_from(["none", "selective", "full"]), low_memory=st.booleans())
+def test_sharding_saves_per_rank_memory_and_more_with_more_shards(batch_size, precision, checkpointing, low_memory):
+    totals = [predict_peak(GPT2, batch_size, precision=precision, checkpointing=checkpointing, device="cuda",
+                           low_memory=low_memory, shards=shards).total for shards in (1, 2, 4, 8, 64)]
+    savings = [totals[0] - total for total in totals[1:]]
+    assert savings[0] > 0
+    assert savings == sorted(savings) and len(set(savings)) == len(savings)
+
+
+def test_fit_with_two_ranks_splits_each_step_evenly_and_keeps_the_global_batch():
+    for gib in (3, 4, 6, 8, 16):
+        for batch_size, grad_accum in [(4, 4), (8, 2), (2, 8)]:
+            choice = fit_to_budget(GPT2, gib * GiB, batch_size=batch_size, grad_accum=grad_accum, device="cuda",
+                                   ranks=2)
+            assert choice.grad_accum % 2 == 0
+            assert choice.batch_size * choice.grad_accum == batch_size * grad_accum
+            assert choice.plan.total <= choice.tensor_budget
+    # One process would take all 16 sequences as one micro-batch; two ranks need one each at least.
+    assert fit_to_budget(GPT2, 16 * GiB, batch_size=4, grad_accum=4, device="cuda").batch_size == 16
+    assert fit_to_budget(GPT2, 16 * GiB, batch_size=4, grad_accum=4, device="cuda", ranks=2).batch_size == 8
+
+
+def test_a_budget_only_sharding_fits():
+    """Between the smallest sharded plan and the smallest whole one: fits over two shards only."""
+    smallest = {shards: predict_peak(GPT2, 1, precision="bf16", checkpointing="full", device="cpu",
+                                     shards=shards).total for shards in (1, 2)}
+    assert smallest[2] < smallest[1]
+    budget = (smallest[1] + smallest[2]) // 2
+    choice = fit_to_budget(GPT2, budget, batch_size=4, grad_accum=4, device="cpu", ranks=2, shards=2)
+    assert choice.plan.total <= budget and choice.plan.gathered > 0
+    assert choice.grad_accum % 2 == 0 and choice.batch_size * choice.grad_accum == 16
+    with pytest.raises(ConfigError, match=f"no setting fits {budget / GiB:.2f} GiB"):
+        fit_to_budget(GPT2, budget, batch_size=4, grad_accum=4, device="cpu", ranks=2, shards=1)
+
+
+def test_a_global_batch_the_ranks_cannot_split_is_a_one_line_error():
+    with pytest.raises(ConfigError, match="across 3 ranks") as error:
+        fit_to_budget(GPT2, 16 * GiB, batch_size=4, grad_accum=4, device="cuda", ranks=3)
+    assert "\n" not in str(error.value) and "16 sequences" in str(error.value)

@@ -12,6 +12,7 @@ concatenate several, cutting an example across rows where needed, so rows are ex
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -134,13 +135,28 @@ class MicroBatch:
     position_ids: torch.Tensor | None  # (B, T) when rows hold several segments
     segment_ids: torch.Tensor | None  # (B, T) when rows hold several segments
     real_tokens: int
+    dropout_seed: int | None = None
+    """Seeds torch's generator before this micro-batch's forward pass (see ``dropout_seed``)."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "MicroBatch":
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
         return MicroBatch(move(self.input_ids), move(self.targets), move(self.position_ids),
-                          move(self.segment_ids), self.real_tokens)
+                          move(self.segment_ids), self.real_tokens, self.dropout_seed)
+
+    def without_targets(self) -> "MicroBatch":
+        """The same inputs with nothing to predict: a rank with no micro-batch in a step (an
+        epoch's short last step) runs this to take part in the gradient reduction, adding zero."""
+        return dataclasses.replace(self, targets=torch.full_like(self.targets, IGNORE_INDEX), real_tokens=0)
+
+
+def dropout_seed(run_seed: int, step: int, index: int, piece: int = 0) -> int:
+    """The seed of a micro-batch's dropout masks: a function of the run's seed, the optimizer
+    step, the micro-batch's place in that step and its piece after an out-of-memory split. Never
+    of which rank runs it or of what ran before, so one process and N processes draw the same
+    masks, and a resumed run draws what the uninterrupted one drew."""
+    return int(np.random.SeedSequence([run_seed, step, index, piece]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def collate(examples: ExampleSet, batch: Batch, pad_id: int) -> MicroBatch:

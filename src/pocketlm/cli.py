@@ -106,6 +106,8 @@ def train_command(**values: Any) -> None:
 
     given = given_settings(values.pop("config"), **values)
     result = train(resolve_settings(given, check_data=check_source))
+    if not result.main:  # under torchrun, rank 0 reports
+        return
     where = result.final_checkpoint or result.out_dir
     loss = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(f"done: step {result.step}{loss}; checkpoint {where}")
@@ -392,6 +394,8 @@ def tokenizer_train_command(
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status instead of calling sys.exit itself."""
+    from torch.distributed import DistError
+
     from pocketlm.checkpoint import DISK_ERRNOS
     from pocketlm.train import Interrupted
 
@@ -408,8 +412,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pocketlm: error: {exc}", file=sys.stderr)
         return 2
     except Interrupted as exc:
-        print(f"pocketlm: {exc}; saved {exc.checkpoint}; run the same command again to resume", file=sys.stderr)
+        saved = f"saved {exc.checkpoint}" if exc.checkpoint is not None else "rank 0 saved the checkpoint"
+        print(f"pocketlm: {exc}; {saved}; run the same command again to resume", file=sys.stderr)
         return 128 + exc.signum
+    except DistError as exc:  # another rank died mid-collective (torchrun stops the rest)
+        print(f"pocketlm: error: lost contact with another rank ({str(exc).splitlines()[0][:160]}); the checkpoints "
+              "already saved are intact: run the same torchrun command again to resume", file=sys.stderr)
+        return 2
     except OSError as exc:  # a disk that refuses a write outside a checkpoint save (log, config, cache)
         if exc.errno not in DISK_ERRNOS:
             raise

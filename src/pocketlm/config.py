@@ -32,6 +32,7 @@ from pocketlm.errors import ConfigError
 FIXED = "fixed"  # must equal the run's value: it changes the result
 FREE = "free"  # may change on any resume: it changes how the run is watched or run, not its result
 LENGTH = "length"  # may change when branching from a checkpoint with --resume (train further)
+LAUNCH = "launch"  # how this launch runs: taken from this command only, never from the run being resumed
 
 
 def setting(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
@@ -337,8 +338,13 @@ class MemoryConfig(Validated):
     """Gradients and AdamW moments in bf16 (weights stay fp32) and full activation
     checkpointing: the most frugal setting. Not with --precision fp16."""
     vram: str | None = None
-    """Memory budget such as 4GB (auto on CUDA: the free memory). The planner then picks the
-    micro-batch, accumulation and checkpointing that fit, keeping the effective batch."""
+    """Memory budget such as 4GB (auto on CUDA: the free memory), per rank under torchrun. The
+    planner picks the micro-batch, accumulation and checkpointing that fit, keeping the effective
+    batch."""
+    fsdp: bool = setting(False, on_resume=LAUNCH)
+    """Under torchrun, shard weights, gradients and optimizer state across the ranks (FSDP2)
+    instead of copying them to each (DDP): less memory per rank, more communication. Not with
+    --low-memory, --optimizer muon, --ema-decay or --precision fp16."""
 
     def check(self) -> None:
         if self.vram is not None and self.vram != "auto":
@@ -386,6 +392,17 @@ class RunConfig(Validated):
     """Write a step line to metrics.jsonl every this many steps."""
 
 
+# Why --fsdp refuses a setting: each needs the whole of a tensor that FSDP splits across ranks.
+FSDP_REFUSALS = {
+    "--low-memory": "its optimizer keeps its own bf16 gradients, which FSDP does not reduce; --fsdp "
+                    "alone already divides weights, gradients and moments by the number of ranks",
+    "--optimizer muon": "Muon orthogonalises whole weight matrices and each rank holds only a slice; "
+                        "use --optimizer muon without --fsdp (plain data parallelism)",
+    "--ema-decay": "the weight average is not sharded yet; use --ema-decay without --fsdp",
+    "--precision fp16": "fp16 loss scaling would have to agree across shards; use --precision bf16 or fp32",
+}
+
+
 SECTIONS: dict[str, type] = {"dataset": DataConfig, "optim": OptimConfig, "memory": MemoryConfig,
                              "run": RunConfig}
 
@@ -407,6 +424,13 @@ class TrainConfig(Validated):
         self.model_config()  # the preset exists and the overrides fit it
         if self.memory.low_memory and self.run.precision == "fp16":
             raise ConfigError("--low-memory keeps gradients in bf16 and cannot be combined with --precision fp16")
+        if self.memory.fsdp:
+            refused = [flag for flag, on in (("--low-memory", self.memory.low_memory),
+                                             ("--optimizer muon", self.optim.optimizer == "muon"),
+                                             ("--ema-decay", self.optim.ema_decay > 0),
+                                             ("--precision fp16", self.run.precision == "fp16")) if on]
+            if refused:
+                raise ConfigError(f"--fsdp cannot be combined with {refused[0]}: " + FSDP_REFUSALS[refused[0]])
         if self.memory.low_memory and self.optim.optimizer == "muon":
             raise ConfigError("--low-memory keeps AdamW's state in bf16 and works with --optimizer adamw only, "
                               "not muon")

@@ -49,3 +49,19 @@ class MetricsLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class SilentLog:
+    """The log of a rank other than 0: it writes nothing (rank 0 writes the run's log)."""
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, Any]] = []
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def console(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -88,9 +88,12 @@ class Optimizers:
         if low:  # its gradients live in its own bf16 buffers
             return low[0].clip_grad_norm_(max_norm)
         params = [p for p in self.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(norm, "full_tensor"):  # sharded gradients (FSDP): each rank holds part of the sum
+            norm = norm.full_tensor()
         if max_norm > 0:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
 
     def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
         for opt in self.optimizers:

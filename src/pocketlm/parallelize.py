@@ -8,7 +8,10 @@ says:
   block (``apply_compile``);
 * on a compiled CPU run, the kernels of ``cpu_kernels.py`` in place of PyTorch's dropout, GELU
   and attention (``apply_cpu_kernels``);
-* the token embedding's gradient added straight into ``.grad`` (``apply_embedding_grad_fusion``).
+* the token embedding's gradient added straight into ``.grad`` (``apply_embedding_grad_fusion``);
+  a single process only: data parallelism must see every gradient arrive through autograd;
+* with several processes, data parallelism around the objective (``apply_data_parallel``, DDP)
+  or sharding of each block and of the whole model (``apply_fsdp``, FSDP2).
 
 None of these changes a parameter's name: state dicts, checkpoints and Hugging Face export see
 the plain model. Each changes memory or speed; the tests check that none changes the results
@@ -17,8 +20,9 @@ beyond floating-point rounding.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -27,6 +31,8 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from pocketlm import cpu_kernels
 from pocketlm.model import GPT, MLP, Block, ScaledDotProductAttention
+
+_PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 _aten = torch.ops.aten
 # Selective activation checkpointing keeps the outputs of the expensive ops (matmuls, attention)
@@ -182,3 +188,70 @@ def prepare_model(model: GPT, *, device_type: str, compiled: bool, checkpointing
     apply_activation_checkpointing(model, checkpointing, full_blocks, compiled_block_runners() if compiled else None)
     if single_process and not low_memory:  # the low-memory optimizer takes gradients from autograd's hooks
         apply_embedding_grad_fusion(model)
+
+
+def _allreduce_sum(process_group, bucket):  # no annotations: DDP checks them, and this file's are strings
+    """DDP's gradient reduction, summed rather than averaged: the loss is already divided by the
+    real-token count of the whole global step, so the gradients of the ranks add up to the
+    global batch's gradient."""
+    import torch.distributed as dist
+
+    work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def apply_data_parallel(objective: nn.Module, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel`` around the training objective (model and fused loss), so
+    its forward is DDP's and every parameter's gradient, the output layer's included, is
+    reduced. The trainer skips the reduction on all but a step's last micro-batch (``no_sync``)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else None
+    ddp = DistributedDataParallel(objective, device_ids=device_ids,
+                                  gradient_as_bucket_view=True)
+    ddp.register_comm_hook(None, _allreduce_sum)
+    return ddp
+
+
+def apply_fsdp(model: GPT, precision: str) -> None:
+    """Shard the model over the ranks with FSDP2: each block on its own (its weights are gathered
+    just before it runs and freed after), then the whole model, which holds the embeddings, the
+    tied output layer and the final LayerNorm. Under bf16/fp16 the gathered weights are cast to
+    that dtype once per gather and gradients are reduced in fp32 (the policy matching autocast).
+    Gradients are summed across ranks, not averaged (see ``_allreduce_sum``)."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    dtype = _PARAM_DTYPES.get(precision)
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    # The objective and evaluation call ``hidden_states``, not ``forward``: FSDP must gather the
+    # root's weights for it too. The root keeps them gathered until backward, so the fused loss
+    # reads the whole output layer after ``hidden_states`` returns.
+    register_fsdp_forward_method(model, "hidden_states")
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+
+
+@contextlib.contextmanager
+def gradient_sync(objective: nn.Module, enabled: bool) -> Iterator[None]:
+    """Inside the ``with``, DDP's backward passes reduce gradients across ranks only when
+    ``enabled``: a step's micro-batches but the last just accumulate locally (``no_sync``).
+    FSDP reduce-scatters after every micro-batch regardless: skipping it would keep a whole
+    unsharded copy of the gradients on every rank between micro-batches, the memory sharding is
+    there to save. Nothing to do in a single process."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(objective, DistributedDataParallel) and not enabled:
+        with objective.no_sync():
+            yield
+        return
+    yield
+
+
+def unwrap(objective: nn.Module) -> nn.Module:
+    """The objective inside a data-parallel wrapper (itself otherwise)."""
+    return getattr(objective, "module", objective)

@@ -115,7 +115,8 @@ def throughput(tokens: int, seconds: float, flops_per_tok: float, peak_flops: fl
     return Throughput(rate, rate * flops_per_tok / peak_flops if peak_flops else None)
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+SHARDED_MMAP_THRESHOLD = 1 << 20
 
 
 def keep_freed_memory_for_reuse() -> bool:
@@ -127,15 +128,31 @@ def keep_freed_memory_for_reuse() -> bool:
     third of a step's memory traffic). With ``mmap`` off and trimming raised, freed blocks are
     reused as they are. Peak memory is unchanged; the resident size no longer shrinks between
     steps. Returns whether the setting took (glibc on Linux only)."""
+    mallopt = _mallopt()
+    return mallopt is not None and bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
+def return_freed_memory() -> bool:
+    """Make glibc's malloc give every block of 1 MiB or more its own ``mmap``, returned to the
+    system on ``free`` (the opposite of ``keep_freed_memory_for_reuse``), for a sharded run on a
+    CPU. FSDP gathers and frees a block's whole weights and gradients again and again, in sizes
+    that differ by module, from the main thread and gloo's; served from the heap, those blocks
+    leave holes that glibc never trims, and the resident size grows step after step, past a
+    single process's (benchmarks/scaling.py measures it). A fixed threshold also stops glibc from
+    raising it after each free. Returns whether it took."""
+    mallopt = _mallopt()
+    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, SHARDED_MMAP_THRESHOLD))
+
+
+def _mallopt():
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     path = ctypes.util.find_library("c")
     if path is None:
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(path)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(path).mallopt
     except (OSError, AttributeError):  # musl and others have no mallopt
-        return False
+        return None
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    return mallopt

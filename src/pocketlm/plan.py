@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from pocketlm.batching import epoch_batches
-from pocketlm.config import TrainConfig
+from pocketlm.config import FSDP_REFUSALS, TrainConfig
 from pocketlm.device import resolve_device, resolve_precision
+from pocketlm.distributed import check_split
 from pocketlm.errors import ConfigError
 from pocketlm.perf import busy_cpu_warning, flops_per_token, known_peak_flops, measure_matmul_peak, one_thread_matmul_peak
 from pocketlm.planner import fit_to_budget, parse_size
@@ -52,6 +53,8 @@ class Machine:
     """Something the user should know about the machine (a CPU busy with other work)."""
     cpu_threads: int | None = None
     """torch's intra-op threads now, on a CPU."""
+    world_size: int = 1
+    """Processes training together (torchrun's WORLD_SIZE)."""
 
 
 def device_peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]:
@@ -119,6 +122,15 @@ class RunPlan:
     cpu_threads: int | None = None
     """torch's intra-op threads on a CPU run. The thread count sets how reductions split, so a
     resume runs with the run's own count to stay bit-identical."""
+    world_size: int = 1
+    """Processes training together; each runs grad_accum / world_size micro-batches per step."""
+    fsdp: bool = False
+    """Whether the ranks shard the model (FSDP2) rather than copy it (DDP)."""
+
+    @property
+    def rank_accum(self) -> int:
+        """Micro-batches each rank runs per optimizer step."""
+        return self.grad_accum // self.world_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -126,7 +138,8 @@ class RunPlan:
     @classmethod
     def from_dict(cls, saved: Mapping[str, Any]) -> "RunPlan":
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(saved) - {"predicted_peak_bytes", "tokenizer", "cpu_threads"}  # added later
+        missing = names - set(saved) - {"predicted_peak_bytes", "tokenizer", "cpu_threads", "world_size",
+                                        "fsdp"}  # added later
         if missing:
             raise ConfigError(f"the saved run plan lacks {', '.join(sorted(missing))}")
         return cls(**{k: v for k, v in saved.items() if k in names})
@@ -159,6 +172,7 @@ def make_plan(cfg: TrainConfig, machine: Machine, train_lengths: np.ndarray, tok
     tokenizer's name."""
     model_cfg = cfg.model_config()
     batch_size, grad_accum = cfg.optim.batch_size, cfg.optim.grad_accum
+    check_parallel(cfg, machine)
     low_memory = cfg.memory.low_memory
     checkpointing = "full" if low_memory else cfg.memory.checkpointing
     full_blocks = cfg.memory.full_checkpoint_blocks
@@ -166,9 +180,11 @@ def make_plan(cfg: TrainConfig, machine: Machine, train_lengths: np.ndarray, tok
     if machine.memory_budget_bytes is not None:
         fit = fit_to_budget(model_cfg, machine.memory_budget_bytes, batch_size=batch_size, grad_accum=grad_accum,
                             precision=machine.precision, device=torch.device(machine.device).type,
-                            low_memory=low_memory, free_memory=cfg.memory.vram == "auto")
+                            low_memory=low_memory, free_memory=cfg.memory.vram == "auto", ranks=machine.world_size,
+                            shards=machine.world_size if cfg.memory.fsdp else 1)
         batch_size, grad_accum = fit.batch_size, fit.grad_accum
         checkpointing, full_blocks, predicted = fit.checkpointing, fit.full_checkpoint_blocks, fit.plan.total
+    check_split(grad_accum, batch_size, machine.world_size)
     batches = epoch_batches(cfg.dataset.batching, train_lengths, batch_size, model_cfg.block_size, cfg.run.seed, 0)
     steps_per_epoch = math.ceil(len(batches) / grad_accum)
     total_steps, warmup = run_length(cfg, steps_per_epoch)
@@ -182,7 +198,20 @@ def make_plan(cfg: TrainConfig, machine: Machine, train_lengths: np.ndarray, tok
                    steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup, compiled=compiled,
                    flops_per_token=fpt, tokens_per_step=tokens_per_step, peak_flops=machine.peak_flops,
                    peak_flops_source=machine.peak_flops_source, predicted_peak_bytes=predicted, tokenizer=tokenizer,
-                   cpu_threads=machine.cpu_threads)
+                   cpu_threads=machine.cpu_threads, world_size=machine.world_size, fsdp=cfg.memory.fsdp)
+
+
+def check_parallel(cfg: TrainConfig, machine: Machine) -> None:
+    """One-line errors for settings that several processes (or --fsdp) cannot honour."""
+    if cfg.memory.fsdp and machine.world_size < 2:
+        raise ConfigError("--fsdp shards the model across processes and needs at least two: launch with "
+                          "torchrun --nproc-per-node N (N >= 2), or leave --fsdp out")
+    if cfg.memory.fsdp and machine.precision == "fp16":
+        raise ConfigError(f"--fsdp cannot be combined with --precision fp16 (this GPU's auto precision): "
+                          f"{FSDP_REFUSALS['--precision fp16']}")
+    if cfg.memory.low_memory and machine.world_size > 1:
+        raise ConfigError("--low-memory works in a single process (its optimizer keeps its own gradients, which "
+                          "data parallelism does not reduce); with torchrun use --fsdp to save memory instead")
 
 
 def resume_plan(saved: RunPlan, saved_cfg: TrainConfig, cfg: TrainConfig,
@@ -207,6 +236,17 @@ def resume_plan(saved: RunPlan, saved_cfg: TrainConfig, cfg: TrainConfig,
             notes.append(f"{'--compile' if cfg.run.compile else '--no-compile'} given: compile "
                          f"{'on' if cfg.run.compile else 'off'} from here (the plan had it "
                          f"{'on' if saved.compiled else 'off'})")
+    if (machine.world_size, cfg.memory.fsdp) != (saved.world_size, saved.fsdp):
+        check_parallel(cfg, machine)
+        check_split(saved.grad_accum, saved.batch_size, machine.world_size)
+        changes.update(world_size=machine.world_size, fsdp=cfg.memory.fsdp)
+        if machine.world_size != saved.world_size:
+            notes.append(f"resumed on {machine.world_size} rank(s) (the run trained on {saved.world_size}): the same "
+                         f"global batch, each rank taking {saved.grad_accum // machine.world_size} of a step's "
+                         f"{saved.grad_accum} micro-batches; losses equal the uninterrupted run's up to rounding")
+        if cfg.memory.fsdp != saved.fsdp:
+            notes.append(f"{'sharded' if cfg.memory.fsdp else 'unsharded'} from here (--fsdp "
+                         f"{'given' if cfg.memory.fsdp else 'left out'})")
     if not saved.low_memory:
         if cfg.memory.checkpointing != saved_cfg.memory.checkpointing:
             changes["checkpointing"] = cfg.memory.checkpointing

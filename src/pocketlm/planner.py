@@ -7,6 +7,10 @@ each block keeps for backward, which depend on the checkpointing mode; and the f
 layer's buffers (see losses.py). ``benchmarks/memory.py`` and ``tests/test_planner.py`` compare
 these predictions with measured peaks.
 
+With several processes (torchrun), ``predict_peak(shards=N)`` is one rank's peak when FSDP2
+shards the parameters over N ranks (``parallelize.apply_fsdp``), and ``fit_to_budget(ranks=N)``
+splits each step's micro-batches evenly across N data-parallel ranks.
+
 A GPU budget (``--vram 4GB``) is a card's size, not a tensor budget: ``CardLosses`` sets aside
 what a real card loses before and around those tensors (the driver's share, the CUDA context,
 the caching allocator's margin) and ``fit_to_budget`` fits the plan into what is left.
@@ -86,10 +90,20 @@ def parse_size(text: str) -> int:
     return int(value * 1024 ** " kmgt".index(unit or " "))
 
 
+def _block_parameters(config: ModelConfig) -> int:
+    C = config.n_embd
+    return 12 * C * C + 13 * C  # qkv, proj, fc, proj weights and biases, two LayerNorms
+
+
+def _root_parameters(config: ModelConfig) -> int:
+    """What is left outside the blocks: the token embedding (tied to the output layer), the
+    position embedding and the final LayerNorm; under FSDP2 the root module's own group."""
+    C = config.n_embd
+    return config.vocab_size * C + config.block_size * C + 2 * C
+
+
 def num_parameters(config: ModelConfig) -> int:
-    C, L, V = config.n_embd, config.n_layer, config.vocab_size
-    per_block = 12 * C * C + 13 * C  # qkv, proj, fc, proj weights and biases, two LayerNorms
-    return V * C + config.block_size * C + L * per_block + 2 * C
+    return _root_parameters(config) + config.n_layer * _block_parameters(config)
 
 
 @dataclass(frozen=True)
@@ -102,18 +116,24 @@ class MemoryPlan:
     activations: int
     logits_and_loss: int
     workspace: int
+    gathered: int = 0
+    """Under FSDP2, the transient unsharded copies of sharded parameters and their gradients
+    (see ``predict_peak``); 0 in a single process."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits_and_loss + self.workspace
+        return (self.weights + self.gradients + self.optimizer + self.activations + self.logits_and_loss
+                + self.workspace + self.gathered)
 
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "total": self.total}
 
 
 def _activation_bytes(config: ModelConfig, tokens: int, batch_size: int, seq_len: int, act: int,
-                      checkpointing: str, full_blocks: int) -> int:
-    """Bytes each block keeps for backward, summed over blocks, plus the final LayerNorm's."""
+                      checkpointing: str, full_blocks: int, weight_casts: bool = True) -> int:
+    """Bytes each block keeps for backward, summed over blocks, plus the final LayerNorm's.
+    ``weight_casts``: whether autocast makes low-precision weight copies (not when FSDP2 already
+    gathers the weights in the compute dtype)."""
     C, H = config.n_embd, config.n_head
     block_input = FP32 * tokens * C  # the residual stream stays fp32 under autocast
     lse = FP32 * batch_size * H * seq_len  # attention's log-sum-exp
@@ -129,7 +149,9 @@ def _activation_bytes(config: ModelConfig, tokens: int, batch_size: int, seq_len
         # but not the two projections' outputs (only a residual add and dropout consume them)
         matmul_outputs -= act * tokens * 2 * C
         casts = act * tokens * C * 2 if act < FP32 else 0  # LayerNorm outputs cast for the matmuls
-        weights = act * 12 * C * C if act < FP32 else 0  # weight copies saved by the matmuls
+        # weight copies saved by the matmuls; under FSDP2 they save the gathered weights themselves,
+        # whose storage is freed when the block reshards, so they hold nothing
+        weights = act * 12 * C * C if act < FP32 and weight_casts else 0
         gelu_out = act * tokens * 4 * C
         masks = 2 * tokens * C if config.dropout > 0 else 0
         residual = FP32 * tokens * C  # the second LayerNorm's input
@@ -139,11 +161,12 @@ def _activation_bytes(config: ModelConfig, tokens: int, batch_size: int, seq_len
     return sum(per_block_saved) + final_norm
 
 
-def _head_bytes(config: ModelConfig, tokens: int, act: int) -> int:
-    """The fused output layer's peak (see losses.py): in forward, its low-precision weight copy,
-    the gradients it computes for backward, and one chunk of logits in three forms."""
+def _head_bytes(config: ModelConfig, tokens: int, act: int, weight_cast: bool = True) -> int:
+    """The fused output layer's peak (see losses.py): in forward, its low-precision weight copy
+    (none when ``weight_cast`` is off: FSDP2 gathers the weight in the compute dtype and the
+    cast is a no-op), the gradients it computes for backward, and one chunk of logits in three forms."""
     V, C = config.vocab_size, config.n_embd
-    weight_copy = act * V * C if act < FP32 else 0
+    weight_copy = act * V * C if act < FP32 and weight_cast else 0
     grad_hidden, grad_weight = act * tokens * C, act * V * C
     chunk = min(max(1, CHUNK_ELEMENTS // V), tokens)
     # a chunk's logits in fp32 and their gradient cast back to the compute dtype: two buffers at
@@ -156,26 +179,59 @@ def _head_bytes(config: ModelConfig, tokens: int, act: int) -> int:
     return weight_copy + grad_hidden + chunk_peak
 
 
+def _gathered_bytes(config: ModelConfig, param_bytes: int) -> int:
+    """FSDP2's transient unsharded copies on one rank (``parallelize.apply_fsdp``): the root's
+    parameters, which FSDP2 gathers for forward and keeps until backward is done, with their
+    fp32 gradient before the reduce-scatter (mostly the tied embedding/output weight's); and two
+    blocks' weights at a time (the running block's and the prefetched next one's) with one
+    block's fp32 gradient. Weights in the gather's dtype, gradients in fp32 (the reduce dtype)."""
+    root, block = _root_parameters(config), _block_parameters(config)
+    gathered_blocks = min(2, config.n_layer)
+    return (param_bytes + FP32) * root + (gathered_blocks * param_bytes + FP32) * block
+
+
+def _per_shard(total: int, shards: int) -> int:
+    return -(-total // shards)  # a rank's shard of a whole, rounded up (FSDP2 pads the last shard)
+
+
 def predict_peak(config: ModelConfig, batch_size: int, seq_len: int | None = None, *, precision: str = "bf16",
                  checkpointing: str = "selective", full_blocks: int = 2, device: str = "cpu",
-                 low_memory: bool = False) -> MemoryPlan:
+                 low_memory: bool = False, shards: int = 1) -> MemoryPlan:
     """Peak memory of one training micro-step with AdamW: fp32 weights, gradients and moments,
-    or with ``low_memory`` bf16 gradients and moments and full checkpointing (lowmem.py)."""
+    or with ``low_memory`` bf16 gradients and moments and full checkpointing (lowmem.py).
+
+    ``shards``: one rank's peak when FSDP2 shards the parameters over that many ranks (1: a
+    single process, or data parallelism with whole replicas). Each rank then keeps 1/shards of
+    the weights, gradients and moments, and ``gathered`` counts the unsharded copies FSDP2
+    makes while it runs (``_gathered_bytes``), as if all were alive at once, an upper bound:
+    the root's gradient only exists at the end of backward. Under bf16/fp16 the gathered
+    weights are already in the compute dtype, so the casts autocast and the fused output layer
+    would otherwise make cost nothing. These transient terms are counted from FSDP2's schedule,
+    not yet measured against a run. The activations are otherwise a single process's.
+    """
+    if shards < 1:
+        raise ConfigError(f"shards must be at least 1, not {shards}")
     seq_len = seq_len or config.block_size
     if seq_len > config.block_size:
         raise ConfigError(f"sequence length {seq_len} exceeds the context of {config.block_size}")
     tokens = batch_size * seq_len
-    act = FP32 if precision == "fp32" else 2
+    act = FP32 if precision == "fp32" else 2  # also the dtype FSDP2 gathers weights in (parallelize.py)
     params = num_parameters(config)
     if low_memory:
         checkpointing = "full"
-    activations = _activation_bytes(config, tokens, batch_size, seq_len, act, checkpointing, full_blocks)
-    head = _head_bytes(config, tokens, act)
+    sharded = shards > 1
+    activations = _activation_bytes(config, tokens, batch_size, seq_len, act, checkpointing, full_blocks,
+                                    weight_casts=not sharded)
+    head = _head_bytes(config, tokens, act, weight_cast=not sharded)
     grad_bytes, moment_bytes = (2, 2) if low_memory else (FP32, FP32)
-    static = (FP32 + grad_bytes + 2 * moment_bytes) * params
-    workspace = int(WORKSPACE_FRACTION.get(device, 0.1) * (static + activations + head))
-    return MemoryPlan(weights=FP32 * params, gradients=grad_bytes * params, optimizer=2 * moment_bytes * params,
-                      activations=activations, logits_and_loss=head, workspace=workspace)
+    weights = _per_shard(FP32 * params, shards)
+    gradients = _per_shard(grad_bytes * params, shards)
+    optimizer = _per_shard(2 * moment_bytes * params, shards)
+    gathered = _gathered_bytes(config, act) if sharded else 0
+    static = weights + gradients + optimizer
+    workspace = int(WORKSPACE_FRACTION.get(device, 0.1) * (static + activations + head + gathered))
+    return MemoryPlan(weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
+                      logits_and_loss=head, workspace=workspace, gathered=gathered)
 
 
 @dataclass(frozen=True)
@@ -196,23 +252,40 @@ def _checkpoint_ladder(n_layer: int) -> list[tuple[str, int]]:
 
 def fit_to_budget(config: ModelConfig, budget_bytes: int, *, batch_size: int, grad_accum: int,
                   seq_len: int | None = None, precision: str = "bf16", device: str = "cpu",
-                  low_memory: bool = False, free_memory: bool = False) -> FitChoice:
+                  low_memory: bool = False, free_memory: bool = False, ranks: int = 1,
+                  shards: int = 1) -> FitChoice:
     """Settings whose predicted peak fits ``budget_bytes``, keeping the effective batch
     (micro-batch x accumulation). Preference: the largest micro-batch that fits without full
     checkpointing, with the least recomputation; full checkpointing only as a last resort.
     On CUDA the budget is a card's nominal size (``free_memory``: the free memory a process
-    found, as ``--vram auto`` reads it) and ``card_losses`` is set aside first."""
+    found, as ``--vram auto`` reads it) and ``card_losses`` is set aside first.
+
+    With ``ranks`` data-parallel processes the budget is each rank's and the effective batch is
+    the global one: each rank runs grad_accum / ranks of a step's micro-batches, so only
+    micro-batches whose accumulation is a multiple of ``ranks`` are chosen. ``shards`` is passed
+    to ``predict_peak`` (FSDP2 sharding over that many ranks)."""
+    if ranks < 1:
+        raise ConfigError(f"ranks must be at least 1, not {ranks}")
     losses = card_losses(device)
     usable = losses.tensor_budget(budget_bytes, free_memory=free_memory)
     effective = batch_size * grad_accum
+    if effective % ranks:
+        # grad_accum = effective / micro is a multiple of ranks only if effective is: no micro-batch
+        # can fit, whatever the memory
+        raise ConfigError(f"no setting fits {budget_bytes / GiB:.2f} GiB: the global batch of {effective} sequences "
+                          f"per step (batch size {batch_size} x grad accum {grad_accum}) cannot be split evenly "
+                          f"across {ranks} ranks (grad accum must be a multiple of the ranks); choose a global batch "
+                          f"divisible by {ranks}")
     micro_sizes = [m for m in range(effective, 0, -1) if effective % m == 0 and (m & (m - 1)) == 0 or m == batch_size]
+    # Micro-batch 1 (accumulation = effective, a multiple of ranks) always survives this filter.
+    micro_sizes = [m for m in micro_sizes if (effective // m) % ranks == 0]
     ladder = [("full", config.n_layer)] if low_memory else _checkpoint_ladder(config.n_layer)
 
     def first_fit(modes: list[tuple[str, int]]) -> FitChoice | None:
         for micro in sorted(set(micro_sizes), reverse=True):
             for mode, full in modes:
                 plan = predict_peak(config, micro, seq_len, precision=precision, checkpointing=mode,
-                                    full_blocks=full, device=device, low_memory=low_memory)
+                                    full_blocks=full, device=device, low_memory=low_memory, shards=shards)
                 if plan.total <= usable:
                     return FitChoice(micro, effective // micro, mode, full, plan, usable)
         return None
@@ -220,7 +293,7 @@ def fit_to_budget(config: ModelConfig, budget_bytes: int, *, batch_size: int, gr
     choice = first_fit(ladder[:-1]) or first_fit(ladder[-1:])
     if choice is None:
         smallest = predict_peak(config, 1, seq_len, precision=precision, checkpointing="full", device=device,
-                                low_memory=low_memory)
+                                low_memory=low_memory, shards=shards)
         lost = "the allocator's margin is" if free_memory else \
             "the driver's share, the CUDA context and the allocator's margin are"
         context = f" ({usable / GiB:.2f} GiB for tensors once {lost} set aside)" if losses != NO_LOSSES else ""
@@ -231,6 +304,8 @@ def fit_to_budget(config: ModelConfig, budget_bytes: int, *, batch_size: int, gr
 
 
 def format_plan(plan: MemoryPlan) -> str:
-    rows = [(name.replace("_", " "), value) for name, value in plan.as_dict().items()]
+    # a single process gathers nothing: its breakdown stays as it was before sharding existed
+    rows = [(name.replace("_", " "), value) for name, value in plan.as_dict().items()
+            if name != "gathered" or value]
     return "\n".join(f"  {name:<16} {value / GiB:7.3f} GiB" for name, value in rows)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from pocketlm.checkpoint import CONFIG, META, list_checkpoints, remove_leftovers, resolve_checkpoint, verify_checkpoint
-from pocketlm.config import FIXED, LENGTH, ModelConfig, TrainConfig, config_from_dict, config_from_flat, flag_name, on_resume
+from pocketlm.config import FIXED, LAUNCH, LENGTH, ModelConfig, TrainConfig, config_from_dict, config_from_flat, flag_name, on_resume
 from pocketlm.errors import CheckpointError, ConfigError, DamagedCheckpoint
 from pocketlm.metrics import METRICS_FILE
 
@@ -147,6 +147,7 @@ def resolve_settings(given: Mapping[str, Any], check_data: Callable[[str], None]
             hint = "branch with --resume CHECKPOINT --out-dir NEW" if rule == LENGTH else "use a new --out-dir"
             raise ConfigError(f"{flag_name(name)} {value!r} contradicts the run in {source} "
                               f"(it has {base.get(name)!r}); to change it, {hint}")
+    base = {name: value for name, value in base.items() if on_resume(name) != LAUNCH}  # this command's, or defaults
     merged_values = {**base, **{k: v for k, v in given.items() if k != "model"}}
     if not given.get("out_dir") and not branching:
         merged_values["out_dir"] = str(draft.resolved_out_dir())
