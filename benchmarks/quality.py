@@ -162,8 +162,8 @@ def run_opened(callback: Callable[[Any], None]) -> Iterator[None]:
 
     original = trainer.open_run
 
-    def opening(cfg: TrainConfig) -> Any:
-        run = original(cfg)
+    def opening(cfg: TrainConfig, *args: Any, **kwargs: Any) -> Any:
+        run = original(cfg, *args, **kwargs)
         callback(run)
         return run
 

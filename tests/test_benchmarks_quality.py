@@ -54,3 +54,15 @@ def test_defaults_are_the_seed_budget():
     args = quality.parse_args([])
     assert (args.model, args.epochs, args.seeds, args.max_steps, args.lr_sweep) == ("small", 3, 3, None, [])
     assert quality.parse_args(["--lr-sweep", "3e-4,1e-3"]).lr_sweep == [3e-4, 1e-3]
+
+
+def test_the_benchmark_is_handed_the_run_whatever_open_run_is_called_with(monkeypatch):
+    """The trainer calls ``open_run(cfg, ranks)``; the benchmark's hook must pass every argument on
+    (it once took only the config and broke every pocketlm run of the benchmark)."""
+    import pocketlm.train as trainer
+
+    monkeypatch.setattr(trainer, "open_run", lambda cfg, *args, **kwargs: ("run", cfg, args, kwargs))
+    seen = []
+    with quality.run_opened(seen.append):
+        assert trainer.open_run("cfg", "ranks", extra=1) == ("run", "cfg", ("ranks",), {"extra": 1})
+    assert seen == [("run", "cfg", ("ranks",), {"extra": 1})]

@@ -167,8 +167,8 @@ def test_sigterm_then_rerun_gives_identical_weights(tmp_path, corpus_file, small
     """`python train.py` stopped with SIGTERM after its first checkpoint saves, says how to resume,
     and the same command again ends bit-identical to an uninterrupted run. (SIGKILL at chosen and
     random moments: test_faults.py.)"""
-    args = [*SMALL, "--config", small_yaml, "--data", corpus_file, "--max-steps", "12", "--save-interval", "2",
-            "--eval-interval", "6"]
+    args = [*SMALL, "--config", small_yaml, "--data", corpus_file, "--max-steps", "8", "--save-interval", "2",
+            "--eval-interval", "4"]
     env = _env(tmp_path)
     straight = tmp_path / "straight"
     subprocess.run(_cmd(*args, "--out-dir", straight), env=env, check=True, capture_output=True, timeout=300)
@@ -189,7 +189,7 @@ def test_sigterm_then_rerun_gives_identical_weights(tmp_path, corpus_file, small
         done = subprocess.run(_cmd(*args, "--out-dir", run), env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         final = latest_checkpoint(run)
-        assert final.name == "step-00000012"
+        assert final.name == "step-00000008"
         assert (final / "model.safetensors").read_bytes() == \
             (latest_checkpoint(straight) / "model.safetensors").read_bytes()
 

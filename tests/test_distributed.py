@@ -35,7 +35,7 @@ STEPS = 20
 def settings(corpus: Path, **extra: object) -> list[str]:
     base = {"preset": "tiny", "data": corpus, "precision": "fp32", "device": "cpu", "no-compile": True,
             "batch-size": 1, "grad-accum": 4, "max-steps": STEPS, "warmup-steps": 2, "log-interval": 1,
-            "eval-interval": 10, "eval-batches": 1, "save-interval": 5, "keep-checkpoints": 10, **extra}
+            "eval-interval": 20, "eval-batches": 1, "save-interval": 5, "keep-checkpoints": 10, **extra}
     args: list[str] = []
     for name, value in base.items():
         args += [f"--{name}"] if value is True else [f"--{name}", str(value)]

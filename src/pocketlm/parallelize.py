@@ -174,8 +174,10 @@ class EmbeddingIntoGrad(nn.Embedding):
 
 def apply_embedding_grad_fusion(model: GPT) -> None:
     old = model.transformer.wte
-    fused = EmbeddingIntoGrad(old.num_embeddings, old.embedding_dim, device="meta")
-    fused.weight = old.weight  # the same Parameter: still tied to lm_head
+    # ``_weight`` skips the random initialisation (on the meta device it would import torch._dynamo,
+    # seconds of every start); the module then takes the same Parameter, still tied to lm_head.
+    fused = EmbeddingIntoGrad(old.num_embeddings, old.embedding_dim, _weight=old.weight.detach())
+    fused.weight = old.weight
     model.transformer.wte = fused
 
 
