@@ -245,6 +245,14 @@ def update_docs(section: str, heading: str, path: Path = DOCS) -> None:
     write_atomically(path, replace_section(text, section, heading))
 
 
+def add_training_options(parser: argparse.ArgumentParser, precision: str, seed: int = 1337) -> None:
+    """--seed, --precision and --data (default the shared WikiText-2 validation text) of a script
+    that trains."""
+    parser.add_argument("--seed", type=int, default=seed)
+    parser.add_argument("--precision", default=precision)
+    parser.add_argument("--data", type=Path, default=WIKI_VALID)
+
+
 def add_common_options(parser: argparse.ArgumentParser, heading: str, threads: str = "torch's own") -> None:
     parser.add_argument("--threads", type=int, default=None, help=f"torch threads (default: {threads})")
     parser.add_argument("--update-docs", action="store_true", help=f"rewrite the '{heading}' section of the docs")
@@ -261,6 +269,16 @@ def script_main(argv: list[str] | None, parse_args: Callable[[list[str] | None],
     if args.threads:
         torch.set_num_threads(args.threads)
     return emit(run(args, argv), args, heading, section)
+
+
+def entry_point(parse_args: Callable[[list[str] | None], argparse.Namespace],
+                run: Callable[[argparse.Namespace, list[str] | None], dict[str, Any]], heading: str,
+                section: Callable[[dict[str, Any]], str]) -> Callable[[list[str] | None], int]:
+    """A script's ``main(argv=None)``: ``script_main`` with the script's own pieces."""
+    def main(argv: list[str] | None = None) -> int:
+        return script_main(argv, parse_args, run, heading, section)
+
+    return main
 
 
 def emit(result: dict[str, Any], args: argparse.Namespace, heading: str,

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py beside this script
-from _common import (WIKI_VALID, Stopwatch, Table, Target, add_common_options, judge, render_section, script_main,
+from _common import (WIKI_VALID, Stopwatch, Table, Target, add_common_options, judge, render_section, entry_point,
                      steps_in_turns)
 from workloads import pocketlm_trainer, train_config
 
@@ -204,8 +204,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    return script_main(argv, parse_args, run, SECTION, docs_section)
+main = entry_point(parse_args, run, SECTION, docs_section)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py beside this script
-from _common import Stopwatch, Table, Target, add_common_options, best_seconds, judge, render_section, script_main
+from _common import Stopwatch, Table, Target, add_common_options, best_seconds, judge, render_section, entry_point
 
 from pocketlm import cpu_kernels
 
@@ -129,8 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    return script_main(argv, parse_args, run, SECTION, docs_section)
+main = entry_point(parse_args, run, SECTION, docs_section)
 
 
 if __name__ == "__main__":

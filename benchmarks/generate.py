@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py beside this script
 from _common import WIKI_VALID, Stopwatch, Table, Target, add_common_options, best_seconds, judge, \
-    render_section, script_main, steps_in_turns
+    render_section, entry_point, steps_in_turns
 
 from pocketlm.config import PRESETS
 from pocketlm.generate import Generator
@@ -244,8 +244,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return script_main(argv, parse_args, run, SECTION, docs_section)
+main = entry_point(parse_args, run, SECTION, docs_section)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py beside this script
-from _common import WIKI_VALID, Stopwatch, Table, Target, add_common_options, judge, render_section, script_main
+from _common import (Stopwatch, Table, Target, add_common_options, add_training_options, entry_point, judge,
+                     render_section)
 
 from pocketlm.config import build_train_config
 from pocketlm.train import train
@@ -72,15 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-interval", type=int, default=50)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--precision", default="bf16")
-    p.add_argument("--data", type=Path, default=WIKI_VALID)
+    add_training_options(p, precision="bf16")
     add_common_options(p, SECTION)
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return script_main(argv, parse_args, run, SECTION, docs_section)
+main = entry_point(parse_args, run, SECTION, docs_section)
 
 
 if __name__ == "__main__":

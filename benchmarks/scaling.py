@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py beside this script
-from _common import GIB, WIKI_VALID, Stopwatch, Table, add_common_options, render_section, script_main
+from _common import GIB, WIKI_VALID, Stopwatch, Table, add_common_options, render_section, entry_point
 
 import torch
 
@@ -193,8 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return script_main(argv, parse_args, run, SECTION, docs_section)
+main = entry_point(parse_args, run, SECTION, docs_section)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py beside this script
 from _common import (WIKI_VALID, Stopwatch, Table, Target, add_common_options, best_seconds, judge,
-                     render_section, script_main, step_summary, steps_in_turns, usable_cores)
+                     render_section, entry_point, step_summary, steps_in_turns, usable_cores)
 from workloads import Trainer, hf_trainer, pocketlm_trainer, train_config
 
 from pocketlm import perf
@@ -363,8 +363,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    return script_main(argv, parse_args, run, SECTION, docs_section)
+main = entry_point(parse_args, run, SECTION, docs_section)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py beside this script
-from _common import WIKI_VALID, Stopwatch, Table, add_common_options, render_section, script_main
+from _common import (Stopwatch, Table, add_common_options, add_training_options, entry_point, render_section)
 
 from pocketlm.checkpoint import load_model
 from pocketlm.config import build_train_config
@@ -134,15 +134,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--vocab-size", type=int, default=8192, help="tokens of the learned BPE (default 8192)")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--precision", default="fp32")
-    p.add_argument("--data", type=Path, default=WIKI_VALID)
+    add_training_options(p, precision="fp32")
     add_common_options(p, SECTION)
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return script_main(argv, parse_args, run, SECTION, docs_section)
+main = entry_point(parse_args, run, SECTION, docs_section)
 
 
 if __name__ == "__main__":

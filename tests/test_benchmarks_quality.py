@@ -44,7 +44,7 @@ def test_report_gives_mean_and_spread_over_seeds_and_owns_up_to_ignored_levers(t
     assert r["runs"]["seed"]["summary"]["bpb"] == {"mean": pytest.approx(2.01), "std": pytest.approx(0.0141421, 1e-4)}
     text = quality.docs_section(r)
     assert text.startswith(quality.SECTION + "\n")
-    assert "| pocketlm, seed recipe | 10 | 20,480 | 5.0000 ± 0.0000 | 2.0100 ± 0.0141 |" in text
+    assert "| pocketlm, seed recipe | 2 | 10 | 20,480 | 5.0000 ± 0.0000 | 2.0100 ± 0.0141 |" in text
     assert "(trainer ignored: ema)" in text and "stride 64" in text and "![" in text
     quality.plot(r, tmp_path / "q.png")
     assert (tmp_path / "q.png").stat().st_size > 10_000
@@ -66,3 +66,36 @@ def test_the_benchmark_is_handed_the_run_whatever_open_run_is_called_with(monkey
     with quality.run_opened(seen.append):
         assert trainer.open_run("cfg", "ranks", extra=1) == ("run", "cfg", ("ranks",), {"extra": 1})
     assert seen == [("run", "cfg", ("ranks",), {"extra": 1})]
+
+
+def test_time_to_reach_interpolates_between_evaluations_and_says_never():
+    curve = [{"seconds": 0.0, "loss": 10.0}, {"seconds": 10.0, "loss": 8.0}, {"seconds": 20.0, "loss": 6.0}]
+    assert quality.time_to_reach(curve, 10.0) == 0.0
+    assert quality.time_to_reach(curve, 7.0) == pytest.approx(15.0)
+    assert quality.time_to_reach(curve, 6.0) == 20.0
+    assert quality.time_to_reach(curve, 5.9) is None
+
+
+def test_targets_compare_against_the_best_swept_learning_rate_and_the_seeds_time():
+    r = fake_result()
+    runs = r["runs"]
+    # the seed recipe ends at loss 5.0 after 15.5 s of training on average; data-limited's curves
+    # reach 5.0 at their last evaluation, 15 s into training
+    values = quality.target_values(runs)
+    assert values["data_limited_time_to_seed"] == pytest.approx(15.0 / 15.5)
+    # reference 2.11 and seed 2.01 bits per byte, each with spread 0.0141 over 2 seeds
+    assert values["seed_vs_hf"] == pytest.approx(0.1 + (2 * 0.0141421 ** 2 / 2) ** 0.5, 1e-4)
+    assert values["data_limited_vs_tuned"] == pytest.approx(0.0)  # same word ppl in the fake runs
+    swept = {**runs["seed"], "summary": {**runs["seed"]["summary"], "word_ppl": {"mean": 500.0, "std": 0.0}}}
+    values = quality.target_values({**runs, "seed, lr 0.002": swept})
+    assert values["data_limited_vs_tuned"] == pytest.approx(1 - 890.0 / 500.0)  # the tuned seed is better
+    assert quality.target_values({"seed": runs["seed"]}) == {}
+
+
+def test_variants_and_run_selection_parse():
+    args = quality.parse_args(["--variant", "fast:recipe=data-limited,lr=1e-3,warmup_steps=5", "--runs", "seed,fast"])
+    assert args.variant == [("fast", {"recipe": "data-limited", "lr": 1e-3, "warmup_steps": 5})]
+    assert args.runs == {"seed", "fast"}
+    for bad in ("nolabel", ":lr=1", "x:lr"):
+        with pytest.raises(SystemExit):
+            quality.parse_args(["--variant", bad])

@@ -55,7 +55,6 @@ def measured_peak(config: ModelConfig, batch_size: int, seq_len: int, precision:
 
 
 CASES = [  # (config, micro-batch, sequence length, precision, checkpointing, full blocks, low memory)
-    (SMALL, 4, 128, "bf16", "none", 0, False),
     (SMALL, 2, 128, "fp32", "selective", 1, False),
     (SMALL, 1, 32, "fp32", "none", 0, False),
     (SMALL, 4, 128, "bf16", "full", 0, True),
@@ -63,8 +62,10 @@ CASES = [  # (config, micro-batch, sequence length, precision, checkpointing, fu
     (PRESETS["tiny"], 4, 128, "bf16", "selective", 0, False),
     (PRESETS["tiny"], 8, 128, "fp32", "full", 0, False),
 ]
-# Three bf16 cases, each choice once in some precision: on a CPU without native bf16 each takes
-# ~15 s. Full checkpointing runs in bf16 through --low-memory, selective in the tiny case.
+# Each checkpointing choice once in some precision. Two bf16 cases (full checkpointing through
+# --low-memory, selective in the tiny case): a CPU without native bf16 emulates it, slowly. At
+# 2 x 128 the bf16 predictions land 10-11% above the measured peak (2026-12-03), so the bf16 cases
+# keep 4 x 128.
 
 
 @pytest.mark.parametrize("config, batch_size, seq_len, precision, checkpointing, full_blocks, low_memory", CASES)

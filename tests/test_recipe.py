@@ -38,7 +38,7 @@ def test_given_settings_beat_the_recipe_from_python_yaml_and_flags(tmp_path):
 
     # the command line's path: flags become given settings (None: not given), the recipe fills the rest
     cfg = config_from_flat(given_settings(None, recipe="data-limited", optimizer="adamw", lr=None))
-    assert (cfg.optim.optimizer, cfg.optim.schedule, cfg.optim.lr) == ("adamw", "wsd", 3e-4)
+    assert (cfg.optim.optimizer, cfg.optim.schedule, cfg.optim.lr) == ("adamw", "wsd", 2e-3)
 
 
 def test_a_saved_config_reads_back_as_it_ran():
@@ -48,9 +48,10 @@ def test_a_saved_config_reads_back_as_it_ran():
 
 
 def test_replace_with_a_recipe_resets_the_fields_it_sets():
-    tuned = build_train_config(None, recipe="data-limited", lr=1e-3)
+    tuned = build_train_config(None, recipe="data-limited", warmup_steps=50)
     back = tuned.replace(recipe="seed")
-    assert back.optim == dataclasses.replace(TrainConfig().optim, lr=1e-3)
+    assert back.optim == dataclasses.replace(TrainConfig().optim, warmup_steps=50)
+    assert back.optim.grad_accum == TrainConfig().optim.grad_accum == 4
     assert TrainConfig().replace(recipe="data-limited") == build_train_config(None, recipe="data-limited")
     assert tuned.replace(lr=2e-3).optim.optimizer == "muon"  # other changes keep the recipe's values
 

@@ -231,16 +231,18 @@ RecipeName = Literal["seed", "data-limited"]
 RECIPES: dict[str, dict[str, Any]] = {
     # The original project's recipe: every field's own default (``python train.py``).
     "seed": {},
-    # PROVISIONAL, not yet measured: a candidate for text too small for the model (a few epochs
-    # over a few million tokens), assembled from the quality levers of issue #17 as the literature
-    # reports them; it stays provisional until benchmarks/quality.py measures it against "seed".
-    # Muon for the blocks' matrices; warmup-stable-decay down to zero; stronger weight decay, which
-    # Kim et al. (2025, "Pre-training under infinite compute") found to pay when data, not compute,
-    # is scarce; and an average of the weights, evaluated in their place.
+    # For text too small for the model (a few epochs over a few million tokens), chosen with
+    # benchmarks/quality.py on held-out text (docs/benchmarks.md, "Quality per compute"): Muon for
+    # the blocks' matrices; warmup-stable-decay down to zero; a higher peak learning rate for the
+    # AdamW groups; a step of half the seed's 16 sequences (twice the steps for the same tokens);
+    # stronger weight decay, after Kim et al. (2025, "Pre-training under infinite compute"; 0.8
+    # measured worse than 0.2 here); and an average of the weights, evaluated in their place.
     "data-limited": {
         "optimizer": "muon",
         "schedule": "wsd",
         "min_lr_ratio": 0.0,
+        "lr": 2e-3,
+        "grad_accum": 2,
         "weight_decay": 0.2,
         "muon_weight_decay": 0.1,
         "ema_decay": 0.995,
@@ -301,8 +303,8 @@ class OptimConfig(Validated):
     """Clip the global gradient norm to this value (0 disables clipping)."""
     recipe: RecipeName = "seed"
     """Named defaults for other fields, applied before the given ones (which win): seed (the
-    original recipe) or data-limited (provisional, not yet measured: Muon, wsd, stronger weight
-    decay, EMA; RECIPES in config.py lists its values)."""
+    original recipe) or data-limited (Muon, wsd, a higher learning rate, half the batch, stronger
+    weight decay, EMA; RECIPES in config.py lists its values)."""
     optimizer: OptimizerName = "adamw"
     """adamw: AdamW for every parameter. muon: Muon (momentum orthogonalised by Newton-Schulz) for
     the 2-D weight matrices inside the transformer blocks, AdamW for embeddings, output layer,
