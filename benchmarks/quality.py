@@ -86,7 +86,9 @@ TARGETS = {
                                     "seed recipe's at its best learning rate of the sweep (1 - ratio)", 0.15,
                                     fmt="{:.1%}"),
 }
-SEED_RUNS = ("seed", "seed, lr ")
+SWEEP = "seed, lr "
+"""The label prefix of the seed recipe's runs at swept learning rates."""
+SEED_RUNS = ("seed", SWEEP)
 """Labels of runs that are the seed recipe (at its own or a swept learning rate)."""
 
 
@@ -364,14 +366,14 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
 
         plans: list[tuple[str, dict[str, Any]]] = [("hf", {}), ("seed", {"recipe": "seed"}),
                                                    ("data-limited", {"recipe": "data-limited"})]
-        plans += [(f"seed, lr {lr:g}", {"recipe": "seed", "lr": lr}) for lr in args.lr_sweep
+        plans += [(f"{SWEEP}{lr:g}", {"recipe": "seed", "lr": lr}) for lr in args.lr_sweep
                   if lr != TrainConfig().optim.lr]
         plans += args.variant
         plans = [(label, settings) for label, settings in plans if args.runs is None or label in args.runs
-                 or (label.startswith("seed, lr") and "sweep" in args.runs)]
+                 or (label.startswith(SWEEP) and "sweep" in args.runs)]
         for label, settings in plans:
             results = []
-            sweep = label.startswith("seed, lr ")
+            sweep = label.startswith(SWEEP)
             for seed in seeds[:args.sweep_seeds] if sweep else seeds:
                 clock.say(f"{label}, seed {seed}")
                 if label == "hf":

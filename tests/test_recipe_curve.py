@@ -35,7 +35,7 @@ def settings(corpus: Path, recipe: str) -> list[str]:
 
 
 def curve(out_dir: Path) -> dict[str, float]:
-    """Training loss at MARKS and every validation loss, keyed like ``step 10`` and ``val 15``."""
+    """Training loss at MARKS and every validation loss, keyed like ``step 10`` and ``val 20``."""
     records = [json.loads(line) for line in (out_dir / METRICS_FILE).read_text().splitlines()]
     points = {f"step {r['step']}": r["loss"] for r in records if r.get("event") == "step" and r["step"] in MARKS}
     points.update({f"val {r['step']}": r["val_loss"] for r in records if "val_loss" in r})
