@@ -19,7 +19,15 @@ Runs, each for ``--epochs`` passes over the training text (or ``--max-steps`` st
 - ``seed, lr X``: with ``--lr-sweep``, the seed recipe at other peak learning rates (each for the
   first ``--sweep-seeds`` seeds).
 - with ``--variant LABEL:key=value,...``: pocketlm with those settings, for trying a lever alone.
+  A variant of a named recipe (``recipe=...`` among its settings) is compared with that recipe's run
+  at equal tokens and at equal training time, in the report's table of levers.
   ``--runs`` picks which runs happen (``hf``, ``seed``, ``data-limited``, ``sweep``, the labels).
+
+A measurement too long for one sitting (``gpt2-125m`` on a CPU) can be split: ``--json-out`` keeps
+one invocation's result and ``--merge`` joins its runs to a later one's report, on the same machine
+and setup only. ``--stop-at-seed`` ends every run but the seed recipe's and the reference's at the
+first evaluation at or below the seed recipe's final held-out loss: all the second target needs, and
+the run then says nothing about the other targets, which leave it out.
 
 Every run is scored by the same function, ``pocketlm.evaluate.evaluate_sliding`` (sliding windows of
 the context length, ``--stride``, default half of it) on the held-out articles: the Hugging Face
@@ -34,6 +42,10 @@ recipe keeps one (``ema_decay``) and the trainer holds it as ``run.state.ema``.
     python benchmarks/quality.py --model tiny --seeds 3 --sweep-seeds 1 --lr-sweep 3e-4,1e-3,2e-3 --threads 2
     # one lever alone, one seed
     python benchmarks/quality.py --model tiny --seeds 1 --runs wd --variant "wd:recipe=data-limited,weight_decay=0.8"
+    # the gpt2-125m headline in two sittings
+    python benchmarks/quality.py --model gpt2-125m --seeds 1 --runs seed --eval-every 20 --threads 2 --json-out seed.json
+    python benchmarks/quality.py --model gpt2-125m --seeds 1 --runs data-limited --merge seed.json --stop-at-seed \
+        --eval-every 12 --threads 2 --update-docs
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
 import statistics
 import sys
@@ -54,8 +67,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common.py beside this script
-from _common import (REPO, WIKI_VALID, Stopwatch, Table, Target, add_common_options, judge, render_section,
-                     script_main)
+from _common import (REPO, WIKI_VALID, Stopwatch, Table, Target, add_common_options, judge, machine_info,
+                     render_section, script_main)
 
 from pocketlm.config import PRESETS, ModelConfig, TrainConfig, build_train_config
 from pocketlm.data import WIKITEXT_FILES, hold_out, load_corpus, split_wikitext_articles
@@ -68,7 +81,7 @@ from pocketlm.optim import CosineSchedule, decay_groups
 from pocketlm.tokenizer import Tokenizer, gpt2_tokenizer
 
 SECTION = "## Quality per compute"
-PLOT = REPO / "docs" / "quality.png"
+"""The ``tiny`` measurement's section; every other model has its own (``section_heading``)."""
 MODELS: dict[str, tuple[str, dict[str, int]]] = {
     "tiny": ("tiny", {}),
     "gpt2-125m": ("gpt2-125m", {}),
@@ -92,6 +105,25 @@ SEED_RUNS = ("seed", SWEEP)
 """Labels of runs that are the seed recipe (at its own or a swept learning rate)."""
 
 
+SAME_SETUP = ("model", "model_config", "precision", "epochs", "max_steps", "stride", "context", "train_articles",
+              "held_out_articles")
+"""What a merged result must share with this one for their runs to be compared."""
+SAME_MACHINE = ("cpu", "usable_cores", "torch", "torch_threads", "device", "gpu")
+
+
+def section_heading(model: str) -> str:
+    return SECTION if model == "tiny" else f"{SECTION}, {model}"
+
+
+def plot_path(model: str) -> Path:
+    return REPO / "docs" / ("quality.png" if model == "tiny" else f"quality-{model}.png")
+
+
+def stopped(run: dict[str, Any]) -> bool:
+    """Whether any seed of ``run`` ended at ``--stop-at-seed``'s goal rather than its budget."""
+    return any(s.get("stopped_at_loss") is not None for s in run["seeds"])
+
+
 def time_to_reach(curve: list[dict[str, Any]], loss: float) -> float | None:
     """Training seconds at which ``curve`` first reaches ``loss`` (linear between evaluations), else None."""
     previous = None
@@ -103,6 +135,44 @@ def time_to_reach(curve: list[dict[str, Any]], loss: float) -> float | None:
             return previous["seconds"] + share * (point["seconds"] - previous["seconds"])
         previous = point
     return None
+
+
+def loss_at(curve: list[dict[str, Any]], seconds: float) -> float | None:
+    """Held-out loss ``curve`` had reached after ``seconds`` of training (linear between
+    evaluations, its last loss after its end), None before its first evaluation."""
+    if seconds < curve[0]["seconds"]:
+        return None
+    for before, after in zip(curve, curve[1:]):
+        if seconds <= after["seconds"]:
+            share = (seconds - before["seconds"]) / max(after["seconds"] - before["seconds"], 1e-9)
+            return before["loss"] + share * (after["loss"] - before["loss"])
+    return curve[-1]["loss"]
+
+
+def lever_comparisons(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each variant of a named recipe against that recipe's run, on the seeds both have (all the
+    recipe's seeds where they share none): final held-out loss at equal tokens, and each one's
+    loss at the shorter of their mean training times. Positive differences: the recipe is ahead."""
+    rows = []
+    for label, x in runs.items():
+        base_label = x.get("settings", {}).get("recipe")
+        if label in LABELS or label.startswith(SWEEP) or base_label not in runs or stopped(x):
+            continue
+        variant_seeds = x["seeds"]
+        shared = {s["seed"] for s in variant_seeds}
+        base_seeds = [s for s in runs[base_label]["seeds"] if s["seed"] in shared] or runs[base_label]["seeds"]
+        loss, base_loss = (statistics.fmean(s["curve"][-1]["loss"] for s in seeds) for seeds in (variant_seeds,
+                                                                                               base_seeds))
+        seconds, base_seconds = (statistics.fmean(s["seconds"] for s in seeds) for seeds in (variant_seeds, base_seeds))
+        at = min(seconds, base_seconds)
+        variant_at, base_at = ([loss_at(s["curve"], at) for s in seeds] for seeds in (variant_seeds, base_seeds))
+        rows.append({"label": label, "recipe": base_label, "seeds": sorted(shared),
+                     "changed": {k: v for k, v in x["settings"].items() if k != "recipe"},
+                     "loss": loss, "recipe_loss": base_loss, "seconds": seconds, "recipe_seconds": base_seconds,
+                     "equal_tokens": loss - base_loss, "equal_time_at": at,
+                     "equal_time": (None if None in variant_at + base_at else
+                                    statistics.fmean(variant_at) - statistics.fmean(base_at))})
+    return rows
 
 
 def target_values(runs: dict[str, dict[str, Any]]) -> dict[str, float | None]:
@@ -119,7 +189,7 @@ def target_values(runs: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         values["data_limited_time_to_seed"] = (None if None in times else
                                                statistics.fmean(times) / runs["seed"]["summary"]["seconds"]["mean"])
     tuned = [r["summary"]["word_ppl"]["mean"] for label, r in runs.items() if label.startswith(SEED_RUNS)]
-    if "data-limited" in runs and tuned:
+    if "data-limited" in runs and tuned and not stopped(runs["data-limited"]):
         values["data_limited_vs_tuned"] = 1 - runs["data-limited"]["summary"]["word_ppl"]["mean"] / min(tuned)
     return values
 
@@ -227,7 +297,13 @@ def scored_weights(run: Any) -> contextlib.AbstractContextManager:
     return ema.applied(run.state.model) if isinstance(ema, WeightEMA) else contextlib.nullcontext()
 
 
-def pocketlm_run(cfg: TrainConfig, score: Scorer, every: int | None) -> dict[str, Any]:
+class ReachedGoal(Exception):
+    """Raised between steps to end a run at ``--stop-at-seed``'s goal."""
+
+
+def pocketlm_run(cfg: TrainConfig, score: Scorer, every: int | None, stop_at: float | None = None) -> dict[str, Any]:
+    """One training run scored as it goes; with ``stop_at``, it ends at the first evaluation at or
+    below that held-out loss."""
     from pocketlm.train import train
 
     curve, opened = Curve(), {}
@@ -242,9 +318,15 @@ def pocketlm_run(cfg: TrainConfig, score: Scorer, every: int | None) -> dict[str
         if wanted(step, run.plan.total_steps, opened["every"]):
             with scored_weights(run):
                 curve.record(step, run.state.progress.tokens_seen, lambda: score(run.state.model))
+            if stop_at is not None and curve.points[-1]["loss"] <= stop_at:
+                raise ReachedGoal
 
+    reached = False
     with run_opened(on_open):
-        train(cfg, on_step=on_step, show_progress=False)
+        try:
+            train(cfg, on_step=on_step, show_progress=False)
+        except ReachedGoal:
+            reached = True
     run = opened["run"]
     ema = getattr(run.state, "ema", None)
     used = {"optimizers": [type(o).__name__ for o in run.state.optimizer.optimizers],
@@ -252,13 +334,14 @@ def pocketlm_run(cfg: TrainConfig, score: Scorer, every: int | None) -> dict[str
             "precision": run.plan.precision, "compiled": run.plan.compiled}
     asked = {"muon": cfg.optim.optimizer == "muon", "wsd": cfg.optim.schedule == "wsd", "ema": cfg.optim.ema_decay > 0}
     missing = [lever for lever, on in asked.items() if on and not {
-        "muon": "Muon" in used["optimizers"], "wsd": used["schedule"] == "WSDSchedule", "ema": used["ema"]}[lever]]
+        "muon": any("Muon" in name for name in used["optimizers"]), "wsd": used["schedule"] == "WSDSchedule", "ema": used["ema"]}[lever]]
     if missing:  # a config field the trainer does not act on yet: the row would be mislabelled
         print(f"quality: warning: the trainer ignored {', '.join(missing)} of recipe {cfg.optim.recipe}",
               file=sys.stderr)
     return {"n_params": run.state.model.num_parameters(), "steps": run.plan.total_steps,
             "warmup_steps": run.plan.warmup_steps, "used": used, "ignored": missing, "curve": curve.points,
-            "seconds": curve.points[-1]["seconds"], "held_out_tokens": curve.held_out_tokens}
+            "seconds": curve.points[-1]["seconds"], "held_out_tokens": curve.held_out_tokens,
+            "stopped_at_loss": stop_at if reached else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,6 +422,26 @@ def summary(seeds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def earlier_results(paths: list[Path], setup: dict[str, Any], machine: dict[str, Any]) -> list[dict[str, Any]]:
+    """``--merge``'s results, each checked to come from this setup on this machine (else the times
+    and losses would not compare), before anything trains."""
+    results = []
+    for path in paths:
+        try:
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+            differ = [k for k in SAME_SETUP if earlier[k] != setup[k]]
+            differ += [f"machine {k}" for k in SAME_MACHINE if earlier["machine"].get(k) != machine.get(k)]
+            if not isinstance(earlier["runs"], dict):
+                raise TypeError("its runs are not a mapping")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"quality: error: --merge {path}: not a result of this benchmark ({e})") from None
+        if differ:
+            raise SystemExit(f"quality: error: --merge {path} was measured otherwise ({', '.join(differ)} differ); "
+                             "merge only results of the same options on the same machine")
+        results.append(earlier)
+    return results
+
+
 def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     clock = Stopwatch("quality")
     device = resolve_device(args.device)
@@ -347,10 +450,17 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     model_cfg = dataclasses.replace(PRESETS[preset], **overrides)
     seeds = [args.seed + i for i in range(args.seeds)]
     tokenizer = gpt2_tokenizer()
+    context = model_cfg.block_size
     runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         split = split_data(args.data, root)
+        setup = {"model": args.model, "model_config": dataclasses.asdict(model_cfg), "precision": precision,
+                 "epochs": args.epochs, "max_steps": args.max_steps, "stride": args.stride or context // 2,
+                 "context": context, "train_articles": len(split.train), "held_out_articles": len(split.held_out)}
+        earlier = earlier_results(args.merge, setup, machine_info(device))
+        for result in earlier:
+            runs.update(result["runs"])
         score = Scorer(split.held_out, tokenizer, args.stride, args.eval_batch_size, device, precision, root / "cache")
         clock.say(f"{len(split.train)} training articles, {len(split.held_out)} held out; {args.model} on {device}, "
                   f"{precision}; seeds {seeds}")
@@ -371,30 +481,37 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         plans += args.variant
         plans = [(label, settings) for label, settings in plans if args.runs is None or label in args.runs
                  or (label.startswith(SWEEP) and "sweep" in args.runs)]
+        if args.stop_at_seed and "seed" not in runs and "seed" not in dict(plans):
+            raise SystemExit("quality: error: --stop-at-seed needs the seed recipe's run: add seed to --runs "
+                             "or --merge a result that has it")
         for label, settings in plans:
             results = []
             sweep = label.startswith(SWEEP)
+            goal = (runs["seed"]["summary"]["loss"]["mean"]
+                    if args.stop_at_seed and label != "hf" and not label.startswith(SEED_RUNS) else None)
             for seed in seeds[:args.sweep_seeds] if sweep else seeds:
-                clock.say(f"{label}, seed {seed}")
+                clock.say(f"{label}, seed {seed}" + (f", until held-out loss {goal:.4f}" if goal else ""))
                 if label == "hf":
                     result = hf_run(model_cfg, TrainConfig(), split, tokenizer, score, seed=seed, epochs=args.epochs,
                                     max_steps=args.max_steps, every=args.eval_every, micro_batch=args.micro_batch,
                                     dropouts=args.hf_dropouts)
                 else:
-                    result = pocketlm_run(pocketlm_config(seed, label, **settings), score, args.eval_every)
+                    result = pocketlm_run(pocketlm_config(seed, label, **settings), score, args.eval_every, goal)
                 last = result["curve"][-1]
                 clock.say(f"{label}, seed {seed}: held-out loss {last['loss']:.4f}, {last['bpb']:.4f} bits/byte, "
                           f"word ppl {last['word_ppl']:.1f}, {result['seconds']:.0f} s of training")
                 results.append({"seed": seed, **result})
             runs[label] = {"settings": settings, "seeds": results, "summary": summary(results)}
-    context = model_cfg.block_size
+    first = next(iter(runs.values()))["seeds"][0]
     return clock.envelope(
-        __file__, argv, device, model=args.model, model_config=dataclasses.asdict(model_cfg), precision=precision,
-        epochs=args.epochs, max_steps=args.max_steps, seeds=seeds, stride=args.stride or context // 2,
-        context=context, train_articles=len(split.train), held_out_articles=len(split.held_out),
-        held_out_tokens=next(iter(runs.values()))["seeds"][0]["held_out_tokens"], plot=args.plot.name,
+        __file__, argv, device, **setup, seeds=sorted({s["seed"] for x in runs.values() for s in x["seeds"]}),
+        held_out_tokens=first["held_out_tokens"],
+        plot=(args.plot or plot_path(args.model)).name,
+        merged=[{k: e[k] for k in ("command", "date", "load_average", "runtime_s")} | {"runs": list(e["runs"])}
+                for e in earlier],
+        notes=[note for e in earlier for note in e.get("notes", [])] + args.note,
         recipe_data_limited=build_train_config(None, recipe="data-limited").flat(), runs=runs,
-        targets=judge(TARGETS, target_values(runs)))
+        targets=judge(TARGETS, target_values(runs)), levers=lever_comparisons(runs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,6 +532,7 @@ def docs_section(r: dict[str, Any]) -> str:
         s, first = x["summary"], x["seeds"][0]
         tokens = first["curve"][-1]["tokens"]
         ignored = f" (trainer ignored: {', '.join(first['ignored'])})" if first["ignored"] else ""
+        ignored += " (stopped at the seed recipe's final held-out loss)" if stopped(x) else ""
         rows.append([LABELS.get(label, f"pocketlm, {label}") + ignored, str(len(x["seeds"])), f"{first['steps']:,}",
                      f"{tokens:,}", spread(s["loss"], "{:.4f}"), spread(s["bpb"], "{:.4f}"),
                      spread(s["word_ppl"], "{:.1f}"), spread(s["seconds"], "{:.0f}") + " s"])
@@ -442,7 +560,29 @@ def docs_section(r: dict[str, Any]) -> str:
              "Training time excludes the held-out evaluations and includes everything else a run does "
              "(data loading after its cache, compilation where the trainer chose it, its own end-of-run validation "
              "and checkpoint)."]
-    return render_section(r, SECTION, summary, [table], notes)
+    notes += [f"Merged here (`--merge`) from an earlier invocation on the same machine and setup: "
+              f"{', '.join(m['runs'])}, by `{m['command']}` ({m['date']}, {m['runtime_s']:.0f} s in all; load average "
+              f"{m['load_average']['before']} before, {m['load_average']['after']} after)."
+              for m in r.get("merged", [])]
+    notes += r.get("notes", [])
+    tables = [table] + ([levers_table(r["levers"])] if r.get("levers") else [])
+    return render_section(r, section_heading(r["model"]), summary, tables, notes)
+
+
+def levers_table(levers: list[dict[str, Any]]) -> Table:
+    rows = [[lever["label"], lever["recipe"], ", ".join(f"{k} {v}" for k, v in lever["changed"].items()),
+             ", ".join(map(str, lever["seeds"])), f"{lever['loss']:.4f}", f"{lever['recipe_loss']:.4f}",
+             f"{lever['equal_tokens']:+.4f}",
+             "n/a" if lever["equal_time"] is None else f"{lever['equal_time']:+.4f} at {lever['equal_time_at']:.0f} s",
+             f"{lever['seconds']:.0f} s / {lever['recipe_seconds']:.0f} s"] for lever in levers]
+    return Table(["variant", "of recipe", "changed", "seeds", "held-out loss", "recipe's", "variant minus recipe, "
+                  "equal tokens", "the same, equal training time", "training time, variant / recipe"], rows,
+                 caption="Levers: each variant changes one setting of a recipe and is compared with that recipe's "
+                         "run on the same seeds. A positive difference means the recipe is ahead: for a variant "
+                         "that removes a lever, that the lever wins. Equal training time compares both curves at "
+                         "the shorter run's end (linear between evaluations). That favours the shorter run where "
+                         "the longer one's schedule still has its decay ahead (wsd decays in its last fifth): a "
+                         "lever that wins there would win by more against a run planned for that time.")
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
@@ -452,7 +592,9 @@ def plot(r: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for colour, (label, x) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], r["runs"].items()):
+    levers = {lever["label"] for lever in r.get("levers", [])}  # in their own table, not to crowd the curves
+    drawn = [(label, x) for label, x in r["runs"].items() if label not in levers]
+    for colour, (label, x) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], drawn):
         for i, seed in enumerate(x["seeds"]):
             points = seed["curve"]
             name = LABELS.get(label, f"pocketlm, {label}").replace("`", "") if i == 0 else None
@@ -516,18 +658,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "pocketlm train would choose)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="pocketlm runs' --compile")
     p.add_argument("--data", type=Path, default=WIKI_VALID)
-    p.add_argument("--plot", type=Path, default=PLOT, help="where --update-docs draws the curves")
-    add_common_options(p, SECTION)
+    p.add_argument("--merge", type=Path, action="append", default=[], help="an earlier --json-out result of the "
+                   "same options on this machine, whose runs join this report; repeatable")
+    p.add_argument("--stop-at-seed", action="store_true", help="end each run but the seed recipe's and the "
+                   "reference's at the first evaluation reaching the seed recipe's final held-out loss")
+    p.add_argument("--note", action="append", default=[], help="a sentence for the report, e.g. what else shared "
+                   "the machine; it stays with the result when merged; repeatable")
+    p.add_argument("--plot", type=Path, default=None, help="where --update-docs draws the curves (default "
+                   "docs/quality.png for tiny, docs/quality-MODEL.png otherwise)")
+    add_common_options(p, f"{SECTION} (, MODEL)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     def section(result: dict[str, Any]) -> str:
-        plot(result, args.plot)
+        plot(result, args.plot or plot_path(args.model))
         return docs_section(result)
 
     args = parse_args(argv)
-    return script_main(argv, lambda _: args, run, SECTION, section)
+    return script_main(argv, lambda _: args, run, section_heading(args.model), section)
 
 
 if __name__ == "__main__":

@@ -99,3 +99,95 @@ def test_variants_and_run_selection_parse():
     for bad in ("nolabel", ":lr=1", "x:lr"):
         with pytest.raises(SystemExit):
             quality.parse_args(["--variant", bad])
+
+
+def test_loss_at_a_time_reads_the_curve_between_evaluations():
+    curve = [{"seconds": 10.0, "loss": 8.0}, {"seconds": 20.0, "loss": 6.0}]
+    assert quality.loss_at(curve, 9.9) is None  # before its first evaluation nothing is known
+    assert quality.loss_at(curve, 15.0) == pytest.approx(7.0)
+    assert quality.loss_at(curve, 20.0) == 6.0 and quality.loss_at(curve, 99.0) == 6.0
+
+
+def with_variant(r: dict, label: str, loss_shift: float, seconds: float, seed: int = 1) -> dict:
+    """``r`` plus a one-seed variant of data-limited: its curve is data-limited's seed ``seed``
+    shifted by ``loss_shift`` and stretched to ``seconds`` of training."""
+    base = next(s for s in r["runs"]["data-limited"]["seeds"] if s["seed"] == seed)
+    stretch = seconds / base["seconds"]
+    curve = [{**p, "loss": p["loss"] + loss_shift, "seconds": p["seconds"] * stretch} for p in base["curve"]]
+    seeds = [{**base, "curve": curve, "seconds": seconds, "ignored": []}]
+    runs = {**r["runs"], label: {"settings": {"recipe": "data-limited", "optimizer": "adamw"}, "seeds": seeds,
+                                 "summary": quality.summary(seeds)}}
+    return {**r, "runs": runs}
+
+
+def test_a_lever_is_compared_with_its_recipe_on_the_same_seed_at_equal_tokens_and_equal_time():
+    # data-limited's seed 1: evaluations at 7.5 s (loss 5.5) and 15 s (loss 5.0), 15 s in all
+    r = with_variant(fake_result(), "without Muon", loss_shift=0.2, seconds=7.5)
+    [lever] = quality.lever_comparisons(r["runs"])
+    assert lever["label"] == "without Muon" and lever["recipe"] == "data-limited" and lever["seeds"] == [1]
+    assert lever["changed"] == {"optimizer": "adamw"}
+    assert lever["equal_tokens"] == pytest.approx(0.2)  # compared with seed 1 only, not both seeds' mean
+    # the variant is twice as fast: at its end (7.5 s) the recipe had only reached 5.5, the variant 5.2
+    assert lever["equal_time_at"] == pytest.approx(7.5) and lever["equal_time"] == pytest.approx(-0.3)
+    text = quality.docs_section({**r, "levers": [lever]})
+    assert "| without Muon | data-limited | optimizer adamw | 1 |" in text and "+0.2000" in text
+    assert "-0.3000 at 8 s" in text
+    # the report's own runs are never levers of themselves, and a variant of an absent recipe has no row
+    assert quality.lever_comparisons(fake_result()["runs"]) == []
+    lone = with_variant(fake_result(), "x", 0.0, 15.0)["runs"]
+    assert quality.lever_comparisons({"x": lone["x"]}) == []
+
+
+def test_a_run_stopped_at_the_seed_loss_is_marked_and_left_out_of_what_it_cannot_show():
+    r = fake_result()
+    for s in r["runs"]["data-limited"]["seeds"]:
+        s["stopped_at_loss"] = 5.0
+    values = quality.target_values(r["runs"])
+    assert "data_limited_vs_tuned" not in values  # its word ppl is not the budget's
+    assert values["data_limited_time_to_seed"] == pytest.approx(15.0 / 15.5)  # what the stop is for
+    assert "(stopped at the seed recipe's final held-out loss)" in quality.docs_section(r)
+    assert quality.lever_comparisons(with_variant(r, "x", 0.0, 15.0)["runs"]) == []  # recipe's curve is cut short
+
+
+def test_each_model_has_its_own_section_and_plot():
+    assert quality.section_heading("tiny") == quality.SECTION
+    assert quality.section_heading("gpt2-125m") == quality.SECTION + ", gpt2-125m"
+    assert quality.plot_path("tiny").name == "quality.png" and quality.plot_path("small").name == "quality-small.png"
+    r = {**fake_result(), "model": "gpt2-125m"}
+    assert quality.docs_section(r).startswith("## Quality per compute, gpt2-125m\n")
+
+
+def test_merge_takes_only_results_of_the_same_setup_and_machine(tmp_path):
+    import json
+
+    r = fake_result()
+    setup = {k: r[k] for k in quality.SAME_SETUP}
+    good = tmp_path / "seed.json"
+    good.write_text(json.dumps(r))
+    assert quality.earlier_results([good], setup, r["machine"])[0]["runs"].keys() == r["runs"].keys()
+    for changed, why in (({**setup, "stride": 32}, "stride"), ({**setup, "model": "small"}, "model")):
+        with pytest.raises(SystemExit, match=f"quality: error: --merge .*seed.json was measured otherwise \\({why}"):
+            quality.earlier_results([good], changed, r["machine"])
+    with pytest.raises(SystemExit, match="machine cpu differ"):
+        quality.earlier_results([good], setup, {**r["machine"], "cpu": "another"})
+    for bad, text in (("junk.json", "{not json"), ("other.json", json.dumps({"benchmark": "memory"}))):
+        (tmp_path / bad).write_text(text)
+        with pytest.raises(SystemExit, match=f"--merge .*{bad}: not a result of this benchmark"):
+            quality.earlier_results([tmp_path / bad], setup, r["machine"])
+    with pytest.raises(SystemExit, match="not a result"):
+        quality.earlier_results([tmp_path / "missing.json"], setup, r["machine"])
+
+
+def test_a_run_ends_at_the_first_evaluation_reaching_its_goal(tmp_path, corpus_file, wiki_articles, tokenizer,
+                                                                one_torch_thread):
+    import torch
+
+    from pocketlm.config import build_train_config
+
+    cfg = build_train_config(None, preset="tiny", data=str(corpus_file), out_dir=str(tmp_path / "run"),
+                             cache_dir=str(tmp_path / "cache"), max_steps=4, device="cpu", precision="fp32",
+                             compile=False, eval_interval=1 << 40, eval_batches=1)
+    score = quality.Scorer(wiki_articles[-1:], tokenizer, 64, 8, torch.device("cpu"), "fp32", tmp_path / "cache")
+    reached = quality.pocketlm_run(cfg, score, every=2, stop_at=100.0)  # a real model's loss is below 100
+    assert [p["step"] for p in reached["curve"]] == [2] and reached["stopped_at_loss"] == 100.0
+    assert reached["steps"] == 4  # its plan, of which it ran half

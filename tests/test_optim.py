@@ -146,3 +146,51 @@ def test_make_schedule_follows_the_config():
     assert make_schedule(OptimConfig(), 100, 10) == CosineSchedule(3e-4, 100, 10, 0.1)
     wsd = make_schedule(OptimConfig(schedule="wsd", decay_fraction=0.5, min_lr_ratio=0.0, lr=1e-3), 100, 10)
     assert wsd == WSDSchedule(1e-3, 100, 10, 0.0, 0.5) and wsd.decay_start == 50
+
+
+def test_the_cpu_muon_is_torchs_update_with_an_fp32_orthogonalisation(monkeypatch):
+    """FP32Muon must be torch.optim.Muon's step (momentum, Nesterov, weight decay, per-matrix lr)
+    with only the Newton-Schulz iteration's precision changed: with torch's iteration switched to
+    fp32 as well, both give the same parameters and momentum after several steps."""
+    import torch.optim._muon as torch_muon
+
+    from pocketlm.optim import FP32Muon, orthogonalized
+
+    def fp32_newton_schulz(grad, coefficients, steps, eps):
+        return orthogonalized(grad.float(), coefficients, steps, eps)
+
+    torch.manual_seed(0)
+    shapes = [(24, 8), (8, 24), (16, 16)]  # tall, wide, square: the transpose and the lr ratio
+    ours = [torch.randn(s, requires_grad=True) for s in shapes]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    settings = {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.9, "nesterov": True, "adjust_lr_fn": "original"}
+    mine, reference = FP32Muon(ours, **settings), torch.optim.Muon(theirs, **settings)
+    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", fp32_newton_schulz)
+    for step in range(3):
+        grads = [torch.randn(s, generator=torch.Generator().manual_seed(step * 10 + i)) for i, s in enumerate(shapes)]
+        for params in (ours, theirs):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+        mine.step()
+        reference.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(mine.state[a]["momentum_buffer"], reference.state[b]["momentum_buffer"])
+    reference.load_state_dict(mine.state_dict())  # one state format: checkpoints move between them
+
+
+def test_the_fp32_orthogonalisation_agrees_with_torchs_bf16_one():
+    from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _zeropower_via_newtonschulz
+
+    from pocketlm.optim import orthogonalized
+
+    update = torch.randn(48, 16, generator=torch.Generator().manual_seed(3))
+    coefficients = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
+    ours = orthogonalized(update, coefficients, 5, EPS)
+    theirs = _zeropower_via_newtonschulz(update, coefficients, 5, EPS).float()
+    assert ours.dtype == torch.float32 and ours.shape == update.shape
+    assert (ours - theirs).norm() / theirs.norm() < 0.02  # bf16's rounding, no more
+    singular = torch.linalg.svdvals(ours)
+    assert singular.min() > 0.5 and singular.max() < 1.5  # near-orthogonal, as the iteration promises
+    model = tiny_model()
+    assert type(build_optimizer(model, MUON, CPU).optimizers[1]).__name__ == "FP32Muon"

@@ -8,7 +8,10 @@ gradients live in ``.grad`` (AdamW, Muon) or in the bf16 buffers of ``--low-memo
 ``torch.optim.Muon`` and everything else (embeddings, the tied output layer, biases, LayerNorm
 gains) with AdamW, two optimizers stepped as one. The schedule gives AdamW's learning rate; each
 parameter group carries an ``lr_scale`` (its own peak over ``--lr``), so Muon follows the same
-shape from its own peak, ``--muon-lr``.
+shape from its own peak, ``--muon-lr``. On the CPU it is ``FP32Muon``: the same update with its
+orthogonalisation in fp32, since torch's runs in bf16, which a CPU without bf16 matrix units
+emulates at a small fraction of its fp32 speed (``benchmarks/muon_step.py``; docs/benchmarks.md, "Muon
+on the CPU").
 """
 
 from __future__ import annotations
@@ -31,6 +34,58 @@ from pocketlm.lowmem import LowMemoryAdamW
 # tuned for this adjustment. The other choice, "match_rms_adamw" (Moonshot's 0.2 sqrt(max(A, B))),
 # is meant to reuse AdamW's learning rate and would need --muon-lr near --lr instead.
 MUON_ADJUST_LR = "original"
+
+
+def orthogonalized(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+                   eps: float) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration towards the nearest semi-orthogonal matrix, as
+    ``torch.optim.Muon`` runs it, but in ``update``'s own dtype rather than bf16."""
+    a, b, c = coefficients
+    tall = update.size(0) > update.size(1)
+    x = update.T if tall else update  # (short, long): the Gram matrix is the small one
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def muon_lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """``torch.optim.Muon``'s per-matrix learning-rate adjustment."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn in (None, "original"):
+        return math.sqrt(max(1, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return 1.0
+
+
+class FP32Muon(torch.optim.Muon):
+    """``torch.optim.Muon`` with its orthogonalisation in fp32 for parameters on the CPU (the same
+    groups, hyperparameters, state and update; only the iteration's precision differs). Elsewhere
+    it is torch's own step."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        if any(p.device.type != "cpu" for group in self.param_groups for p in group["params"]):
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = float(group["lr"]), group["momentum"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad
+                buf = self.state[param].setdefault("momentum_buffer", torch.zeros_like(grad))
+                buf.lerp_(grad, 1 - momentum)
+                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = orthogonalized(update.float(), group["ns_coefficients"], group["ns_steps"], group["eps"])
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(update.to(param.dtype), alpha=-lr * muon_lr_ratio(group["adjust_lr_fn"], param.shape))
+        return loss
 
 
 def hidden_matrix_names(model: nn.Module) -> list[str]:
@@ -142,9 +197,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, *,
     if not muon_names:
         return Optimizers([adamw])
     params = dict(model.named_parameters())
-    muon = torch.optim.Muon([{"params": [params[n] for n in muon_names], "lr_scale": cfg.muon_lr / cfg.lr}],
-                            lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum,
-                            nesterov=True, adjust_lr_fn=MUON_ADJUST_LR)
+    muon_class = FP32Muon if device.type == "cpu" else torch.optim.Muon
+    muon = muon_class([{"params": [params[n] for n in muon_names], "lr_scale": cfg.muon_lr / cfg.lr}],
+                      lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum, nesterov=True,
+                      adjust_lr_fn=MUON_ADJUST_LR)
     return Optimizers([adamw, muon])
 
 
