@@ -333,8 +333,9 @@ def pocketlm_run(cfg: TrainConfig, score: Scorer, every: int | None, stop_at: fl
             "schedule": type(run.schedule).__name__, "ema": isinstance(ema, WeightEMA),
             "precision": run.plan.precision, "compiled": run.plan.compiled}
     asked = {"muon": cfg.optim.optimizer == "muon", "wsd": cfg.optim.schedule == "wsd", "ema": cfg.optim.ema_decay > 0}
-    missing = [lever for lever, on in asked.items() if on and not {
-        "muon": any("Muon" in name for name in used["optimizers"]), "wsd": used["schedule"] == "WSDSchedule", "ema": used["ema"]}[lever]]
+    acted = {"muon": any(isinstance(o, torch.optim.Muon) for o in run.state.optimizer.optimizers),
+             "wsd": used["schedule"] == "WSDSchedule", "ema": used["ema"]}
+    missing = [lever for lever, on in asked.items() if on and not acted[lever]]
     if missing:  # a config field the trainer does not act on yet: the row would be mislabelled
         print(f"quality: warning: the trainer ignored {', '.join(missing)} of recipe {cfg.optim.recipe}",
               file=sys.stderr)

@@ -197,10 +197,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, *,
     if not muon_names:
         return Optimizers([adamw])
     params = dict(model.named_parameters())
-    muon_class = FP32Muon if device.type == "cpu" else torch.optim.Muon
-    muon = muon_class([{"params": [params[n] for n in muon_names], "lr_scale": cfg.muon_lr / cfg.lr}],
-                      lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum, nesterov=True,
-                      adjust_lr_fn=MUON_ADJUST_LR)
+    muon = FP32Muon([{"params": [params[n] for n in muon_names], "lr_scale": cfg.muon_lr / cfg.lr}],
+                    lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum, nesterov=True,
+                    adjust_lr_fn=MUON_ADJUST_LR)  # torch's own step off the CPU
     return Optimizers([adamw, muon])
 
 
