@@ -18,14 +18,16 @@ Runs, each for ``--epochs`` passes over the training text (or ``--max-steps`` st
 - ``data-limited``: the same with ``--recipe data-limited``.
 - ``seed, lr X``: with ``--lr-sweep``, the seed recipe at other peak learning rates (each for the
   first ``--sweep-seeds`` seeds).
-- with ``--variant LABEL:key=value,...``: pocketlm with those settings, for trying a lever alone.
+- with ``--variant LABEL:key=value,...``: pocketlm with those settings, for trying a lever alone
+  (each for the first ``--variant-seeds`` seeds).
   A variant of a named recipe (``recipe=...`` among its settings) is compared with that recipe's run
   at equal tokens and at equal training time, in the report's table of levers.
   ``--runs`` picks which runs happen (``hf``, ``seed``, ``data-limited``, ``sweep``, the labels).
 
 A measurement too long for one sitting (``gpt2-125m`` on a CPU) can be split: ``--json-out`` keeps
 one invocation's result and ``--merge`` joins its runs to a later one's report, on the same machine
-and setup only. ``--stop-at-seed`` ends every run but the seed recipe's and the reference's at the
+and setup only; a merged run asked for again keeps its seeds and trains only the missing ones
+(with the same settings only). ``--stop-at-seed`` ends every run but the seed recipe's and the reference's at the
 first evaluation at or below the seed recipe's final held-out loss: all the second target needs, and
 the run then says nothing about the other targets, which leave it out.
 
@@ -33,15 +35,18 @@ Every run is scored by the same function, ``pocketlm.evaluate.evaluate_sliding``
 the context length, ``--stride``, default half of it) on the held-out articles: the Hugging Face
 model through its weights converted to a pocketlm ``GPT`` (``hf.weights_from_hf``). It is scored
 every ``--eval-every`` steps and at the end, so each run has a curve of
-held-out loss against training tokens and against training wall time (evaluations excluded).
+held-out loss against training tokens and against training wall time (evaluations excluded; each
+pocketlm run compiles for itself, as a user's run does).
 The reported figures are each run's last point. A pocketlm run uses its weight average when its
 recipe keeps one (``ema_decay``) and the trainer holds it as ``run.state.ema``.
 
     python benchmarks/quality.py --model tiny --max-steps 4 --seeds 1 --stride 128     # smoke test
     # the measurement in docs/benchmarks.md (about 90 minutes on 2 cores)
     python benchmarks/quality.py --model tiny --seeds 3 --sweep-seeds 1 --lr-sweep 3e-4,1e-3,2e-3 --threads 2
-    # one lever alone, one seed
-    python benchmarks/quality.py --model tiny --seeds 1 --runs wd --variant "wd:recipe=data-limited,weight_decay=0.8"
+    # one lever alone, two seeds
+    python benchmarks/quality.py --model tiny --variant-seeds 2 --runs wd --variant "wd:recipe=data-limited,weight_decay=0.8"
+    # a longer budget than the seed's (its own section and plot)
+    python benchmarks/quality.py --model tiny --epochs 6 --seeds 1 --runs hf,seed,data-limited --threads 2
     # the gpt2-125m headline in two sittings
     python benchmarks/quality.py --model gpt2-125m --seeds 1 --runs seed --eval-every 20 --threads 2 --json-out seed.json
     python benchmarks/quality.py --model gpt2-125m --seeds 1 --runs data-limited --merge seed.json --stop-at-seed \
@@ -81,7 +86,8 @@ from pocketlm.optim import CosineSchedule, decay_groups
 from pocketlm.tokenizer import Tokenizer, gpt2_tokenizer
 
 SECTION = "## Quality per compute"
-"""The ``tiny`` measurement's section; every other model has its own (``section_heading``)."""
+"""The ``tiny`` measurement's section at the seed's budget; every other model and budget has its own
+(``section_heading``)."""
 MODELS: dict[str, tuple[str, dict[str, int]]] = {
     "tiny": ("tiny", {}),
     "gpt2-125m": ("gpt2-125m", {}),
@@ -111,12 +117,23 @@ SAME_SETUP = ("model", "model_config", "precision", "epochs", "max_steps", "stri
 SAME_MACHINE = ("cpu", "usable_cores", "torch", "torch_threads", "device", "gpu")
 
 
-def section_heading(model: str) -> str:
-    return SECTION if model == "tiny" else f"{SECTION}, {model}"
+def budget_name(epochs: int, max_steps: int | None) -> str:
+    """A run length other than the seed's 3 epochs, as a section and a plot name's suffix ("" for the seed's)."""
+    if max_steps is not None:
+        return f"{max_steps} steps"
+    return "" if epochs == TrainConfig().optim.epochs else f"{epochs} epochs"
 
 
-def plot_path(model: str) -> Path:
-    return REPO / "docs" / ("quality.png" if model == "tiny" else f"quality-{model}.png")
+def section_heading(model: str, budget: str = "") -> str:
+    """Each model and each budget other than the seed's has its own section: a measurement at
+    one never overwrites another's."""
+    return ", ".join([SECTION] + [part for part in (model if model != "tiny" else "", budget) if part])
+
+
+def plot_path(model: str, budget: str = "") -> Path:
+    name = "-".join(["quality"] + [part.replace(" ", "-") for part in (model if model != "tiny" else "", budget)
+                                   if part])
+    return REPO / "docs" / f"{name}.png"
 
 
 def stopped(run: dict[str, Any]) -> bool:
@@ -322,6 +339,9 @@ def pocketlm_run(cfg: TrainConfig, score: Scorer, every: int | None, stop_at: fl
                 raise ReachedGoal
 
     reached = False
+    # Every run compiles for itself, as a user's run does: otherwise only the first run of this
+    # process pays for compiling and the later ones reuse its code, which skews equal-time comparisons.
+    torch._dynamo.reset()
     with run_opened(on_open):
         try:
             train(cfg, on_step=on_step, show_progress=False)
@@ -443,6 +463,27 @@ def earlier_results(paths: list[Path], setup: dict[str, Any], machine: dict[str,
     return results
 
 
+def seeds_of(label: str, seeds: list[int], args: argparse.Namespace) -> list[int]:
+    """The seeds run ``label`` trains: the first ``--sweep-seeds`` for a swept learning rate, the
+    first ``--variant-seeds`` for a ``--variant``, all of ``seeds`` otherwise."""
+    if label.startswith(SWEEP):
+        return seeds[:args.sweep_seeds]
+    if label in {name for name, _ in args.variant}:
+        return seeds[:args.variant_seeds]
+    return seeds
+
+
+def measured_seeds(merged: dict[str, Any] | None, settings: dict[str, Any], label: str) -> list[dict[str, Any]]:
+    """The seeds a ``--merge``d result already measured for run ``label``, which this invocation
+    keeps and does not train again; refused unless they were measured with the same settings."""
+    if merged is None:
+        return []
+    if merged.get("settings") != settings:
+        raise SystemExit(f"quality: error: the merged run {label!r} was measured with {merged.get('settings')}, "
+                         f"not {settings}; give this run another label")
+    return list(merged["seeds"])
+
+
 def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     clock = Stopwatch("quality")
     device = resolve_device(args.device)
@@ -485,12 +526,12 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         if args.stop_at_seed and "seed" not in runs and "seed" not in dict(plans):
             raise SystemExit("quality: error: --stop-at-seed needs the seed recipe's run: add seed to --runs "
                              "or --merge a result that has it")
+        kept = {label: measured_seeds(runs.get(label), settings, label) for label, settings in plans}
         for label, settings in plans:
-            results = []
-            sweep = label.startswith(SWEEP)
+            results = kept[label]
             goal = (runs["seed"]["summary"]["loss"]["mean"]
                     if args.stop_at_seed and label != "hf" and not label.startswith(SEED_RUNS) else None)
-            for seed in seeds[:args.sweep_seeds] if sweep else seeds:
+            for seed in [s for s in seeds_of(label, seeds, args) if s not in {r["seed"] for r in results}]:
                 clock.say(f"{label}, seed {seed}" + (f", until held-out loss {goal:.4f}" if goal else ""))
                 if label == "hf":
                     result = hf_run(model_cfg, TrainConfig(), split, tokenizer, score, seed=seed, epochs=args.epochs,
@@ -507,7 +548,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     return clock.envelope(
         __file__, argv, device, **setup, seeds=sorted({s["seed"] for x in runs.values() for s in x["seeds"]}),
         held_out_tokens=first["held_out_tokens"],
-        plot=(args.plot or plot_path(args.model)).name,
+        plot=(args.plot or plot_path(args.model, budget_name(args.epochs, args.max_steps))).name,
         merged=[{k: e[k] for k in ("command", "date", "load_average", "runtime_s")} | {"runs": list(e["runs"])}
                 for e in earlier],
         notes=[note for e in earlier for note in e.get("notes", [])] + args.note,
@@ -550,24 +591,27 @@ def docs_section(r: dict[str, Any]) -> str:
     dl = ", ".join(f"{k} {v}" for k, v in r["recipe_data_limited"].items()
                    if k in ("optimizer", "muon_lr", "muon_weight_decay", "schedule", "decay_fraction",
                             "min_lr_ratio", "weight_decay", "ema_decay", "lr", "batch_size", "grad_accum"))
-    notes = [f"![Held-out loss against training tokens and training time]({r['plot']})",
-             "The reference is what `run_clm.py` does with this text: documents concatenated with no separator and "
-             "cut into full blocks, each block predicting its own tokens from position 0, with the seed's optimizer, "
-             "schedule and batch of 16 sequences. pocketlm frames each article with `<|endoftext|>` and never lets a "
-             "prediction cross one. The reference never saw `<|endoftext|>`, so its held-out token loss includes "
-             f"{r['held_out_articles']} badly predicted separators; bits per byte and word perplexity leave them out.",
-             f"`data-limited` is {dl}; each `seed, lr X` row is the seed recipe with only its peak learning rate "
-             "changed (the sweep the third target compares against).",
-             "Training time excludes the held-out evaluations and includes everything else a run does "
-             "(data loading after its cache, compilation where the trainer chose it, its own end-of-run validation "
-             "and checkpoint)."]
+    reference = ("The reference is what `run_clm.py` does with this text: documents concatenated with no separator and "
+              "cut into full blocks, each block predicting its own tokens from position 0, with the seed's optimizer, "
+              "schedule and batch of 16 sequences. pocketlm frames each article with `<|endoftext|>` and never lets a "
+              "prediction cross one. The reference never saw `<|endoftext|>`, so its held-out token loss includes "
+              f"{r['held_out_articles']} badly predicted separators; bits per byte and word perplexity leave them out.")
+    swept = ("; each `seed, lr X` row is the seed recipe with only its peak learning rate changed (the sweep the "
+             "third target compares against)" if any(label.startswith(SWEEP) for label in r["runs"]) else "")
+    notes = [f"![Held-out loss against training tokens and training time]({r['plot']})"]
+    notes += [reference] if "hf" in r["runs"] else []
+    notes += [f"`data-limited` is {dl}{swept}.",
+              "Training time excludes the held-out evaluations and includes everything else a run does "
+              "(data loading after its cache, its own compilation where the trainer chose it, its own end-of-run "
+              "validation and checkpoint)."]
     notes += [f"Merged here (`--merge`) from an earlier invocation on the same machine and setup: "
               f"{', '.join(m['runs'])}, by `{m['command']}` ({m['date']}, {m['runtime_s']:.0f} s in all; load average "
               f"{m['load_average']['before']} before, {m['load_average']['after']} after)."
               for m in r.get("merged", [])]
     notes += r.get("notes", [])
     tables = [table] + ([levers_table(r["levers"])] if r.get("levers") else [])
-    return render_section(r, section_heading(r["model"]), summary, tables, notes)
+    heading = section_heading(r["model"], budget_name(r["epochs"], r["max_steps"]))
+    return render_section(r, heading, summary, tables, notes)
 
 
 def levers_table(levers: list[dict[str, Any]]) -> Table:
@@ -642,6 +686,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-sweep", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
                    help="also the seed recipe at these peak learning rates, e.g. 3e-4,1e-3,2e-3")
     p.add_argument("--sweep-seeds", type=int, default=None, help="seeds per --lr-sweep point (default --seeds)")
+    p.add_argument("--variant-seeds", type=int, default=None, help="seeds per --variant run (default --seeds); "
+                   "a lever is compared with its recipe's run on the seeds both have")
     p.add_argument("--runs", type=lambda s: set(s.split(",")), default=None,
                    help="only these runs, e.g. seed,sweep (of hf, seed, data-limited, sweep and --variant labels)")
     p.add_argument("--variant", type=variant, action="append", default=[],
@@ -667,17 +713,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "the machine; it stays with the result when merged; repeatable")
     p.add_argument("--plot", type=Path, default=None, help="where --update-docs draws the curves (default "
                    "docs/quality.png for tiny, docs/quality-MODEL.png otherwise)")
-    add_common_options(p, f"{SECTION} (, MODEL)")
+    add_common_options(p, f"{SECTION} (, MODEL)(, BUDGET)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     def section(result: dict[str, Any]) -> str:
-        plot(result, args.plot or plot_path(args.model))
+        plot(result, args.plot or plot_path(args.model, budget))
         return docs_section(result)
 
     args = parse_args(argv)
-    return script_main(argv, lambda _: args, run, section_heading(args.model), section)
+    budget = budget_name(args.epochs, args.max_steps)
+    return script_main(argv, lambda _: args, run, section_heading(args.model, budget), section)
 
 
 if __name__ == "__main__":

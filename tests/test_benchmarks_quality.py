@@ -153,6 +153,13 @@ def test_each_model_has_its_own_section_and_plot():
     assert quality.section_heading("tiny") == quality.SECTION
     assert quality.section_heading("gpt2-125m") == quality.SECTION + ", gpt2-125m"
     assert quality.plot_path("tiny").name == "quality.png" and quality.plot_path("small").name == "quality-small.png"
+    # a budget other than the seed's 3 epochs has its own section and plot too
+    assert quality.budget_name(3, None) == "" and quality.budget_name(6, None) == "6 epochs"
+    assert quality.budget_name(3, 40) == "40 steps"
+    assert quality.section_heading("tiny", "6 epochs") == quality.SECTION + ", 6 epochs"
+    assert quality.section_heading("gpt2-125m", "6 epochs") == quality.SECTION + ", gpt2-125m, 6 epochs"
+    assert quality.plot_path("tiny", "6 epochs").name == "quality-6-epochs.png"
+    assert quality.docs_section({**fake_result(), "epochs": 6}).startswith("## Quality per compute, 6 epochs\n")
     r = {**fake_result(), "model": "gpt2-125m"}
     assert quality.docs_section(r).startswith("## Quality per compute, gpt2-125m\n")
 
@@ -179,8 +186,11 @@ def test_merge_takes_only_results_of_the_same_setup_and_machine(tmp_path):
 
 
 def test_a_run_ends_at_the_first_evaluation_reaching_its_goal(tmp_path, corpus_file, wiki_articles, tokenizer,
-                                                                one_torch_thread):
+                                                                one_torch_thread, monkeypatch):
     import torch
+
+    resets = []  # each run compiles afresh, so no run's time leans on an earlier run's compiled code
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
 
     from pocketlm.config import build_train_config
 
@@ -191,3 +201,34 @@ def test_a_run_ends_at_the_first_evaluation_reaching_its_goal(tmp_path, corpus_f
     reached = quality.pocketlm_run(cfg, score, every=2, stop_at=100.0)  # a real model's loss is below 100
     assert [p["step"] for p in reached["curve"]] == [2] and reached["stopped_at_loss"] == 100.0
     assert reached["steps"] == 4  # its plan, of which it ran half
+    assert resets == [1]
+
+
+def test_swept_and_variant_runs_train_their_own_number_of_seeds():
+    args = quality.parse_args(["--seeds", "3", "--sweep-seeds", "1", "--variant-seeds", "2",
+                               "--variant", "no ema:recipe=data-limited,ema_decay=0.0"])
+    seeds = [7, 8, 9]
+    assert quality.seeds_of("seed, lr 0.002", seeds, args) == [7]
+    assert quality.seeds_of("no ema", seeds, args) == [7, 8]
+    assert quality.seeds_of("data-limited", seeds, args) == quality.seeds_of("hf", seeds, args) == seeds
+    unlimited = quality.parse_args(["--variant", "no ema:ema_decay=0.0"])
+    assert quality.seeds_of("no ema", seeds, unlimited) == quality.seeds_of("seed, lr 0.002", seeds, unlimited) == seeds
+
+
+def test_the_report_explains_only_the_runs_it_has():
+    r = fake_result()
+    assert "The reference is what `run_clm.py` does" in quality.docs_section(r)
+    assert "`seed, lr X`" not in quality.docs_section(r)
+    r["runs"]["seed, lr 0.002"] = r["runs"]["seed"]
+    assert "each `seed, lr X` row" in quality.docs_section(r)
+    del r["runs"]["hf"]
+    assert "run_clm" not in quality.docs_section(r)
+
+
+def test_a_merged_run_keeps_its_seeds_and_only_the_missing_ones_train():
+    merged = {"settings": {"recipe": "data-limited"}, "seeds": [{"seed": 1337}, {"seed": 1338}]}
+    kept = quality.measured_seeds(merged, {"recipe": "data-limited"}, "data-limited")
+    assert [s["seed"] for s in kept] == [1337, 1338] and kept is not merged["seeds"]
+    assert quality.measured_seeds(None, {"recipe": "seed"}, "seed") == []
+    with pytest.raises(SystemExit, match="another label"):  # the same label, other settings: not the same run
+        quality.measured_seeds(merged, {"recipe": "data-limited", "ema_decay": 0.995}, "data-limited")

@@ -14,13 +14,14 @@ from hypothesis import strategies as st
 from pocketlm.batching import MicroBatch
 from pocketlm.cli import main
 from pocketlm.config import PRESETS, ModelConfig, build_train_config
+from pocketlm.ema import WeightEMA
 from pocketlm.errors import ConfigError
 from pocketlm.losses import NextTokenLoss
 from pocketlm.model import GPT
 from pocketlm.optim import build_optimizer
 from pocketlm.parallelize import prepare_model
 from pocketlm.planner import (FP32, GiB, MiB, CardLosses, MemoryPlan, card_losses, fit_to_budget, format_plan,
-                              num_parameters, parse_size, predict_peak)
+                              num_parameters, optimizer_state_elements, parse_size, predict_peak)
 from pocketlm.train import train, train_step
 from memtrack import measure_peak  # benchmarks/memtrack.py: the memory probe the benchmarks use
 
@@ -28,11 +29,11 @@ SMALL = ModelConfig(n_layer=3, n_head=4, n_embd=128, block_size=128, vocab_size=
 
 
 def measured_peak(config: ModelConfig, batch_size: int, seq_len: int, precision: str, checkpointing: str,
-                  full_blocks: int, low_memory: bool = False) -> int:
+                  full_blocks: int, low_memory: bool = False, optimizer: str = "adamw", ema: bool = False) -> int:
     """Peak of a steady-state optimizer step of two micro-batches (the second runs with the
     first one's gradients alive, as every micro-step after the first does)."""
     torch.manual_seed(0)
-    cfg = build_train_config(None, low_memory=low_memory)
+    cfg = build_train_config(None, low_memory=low_memory, optimizer=optimizer)
     model = GPT(config)
     prepare_model(model, device_type="cpu", compiled=False, checkpointing="full" if low_memory else checkpointing,
                   full_blocks=full_blocks, low_memory=low_memory)
@@ -51,11 +52,17 @@ def measured_peak(config: ModelConfig, batch_size: int, seq_len: int, precision:
     # A small step creates the optimizer state (the measured step's peak counts live tensors only,
     # so the warm-up's shape does not matter; on a CPU that emulates bf16 it saves half the time).
     step(1, 8)
-    return measure_peak(step, device="cpu", model=model, optimizer=optimizer.optimizers[0]).peak_bytes
+    # the first optimizer is tracked as such; the others' state and the average count as existing tensors
+    others = [v for o in optimizer.optimizers[1:] for state in o.state.values() for v in state.values()
+              if isinstance(v, torch.Tensor)]
+    average = WeightEMA(model, 0.99).shadow if ema else []
+    return measure_peak(step, device="cpu", model=model, optimizer=optimizer.optimizers[0],
+                        tensors=others + average).peak_bytes
 
 
 CASES = [  # (config, micro-batch, sequence length, precision, checkpointing, full blocks, low memory)
     (SMALL, 2, 128, "fp32", "selective", 1, False),
+    (SMALL, 2, 128, "fp32", "selective", 1, "muon+ema"),  # --recipe data-limited's state
     (SMALL, 1, 32, "fp32", "none", 0, False),
     (SMALL, 4, 128, "bf16", "full", 0, True),
     (SMALL, 2, 64, "fp32", "full", 0, True),
@@ -71,9 +78,13 @@ CASES = [  # (config, micro-batch, sequence length, precision, checkpointing, fu
 @pytest.mark.parametrize("config, batch_size, seq_len, precision, checkpointing, full_blocks, low_memory", CASES)
 def test_prediction_within_ten_percent_of_measured_peak(config, batch_size, seq_len, precision, checkpointing,
                                                         full_blocks, low_memory):
+    # "muon+ema": Muon for the blocks' matrices and a weight average, AdamW's fp32 state otherwise
+    recipe = {"optimizer": "muon", "ema": True} if low_memory == "muon+ema" else {}
+    low_memory = low_memory is True
     predicted = predict_peak(config, batch_size, seq_len, precision=precision, checkpointing=checkpointing,
-                             full_blocks=full_blocks, device="cpu", low_memory=low_memory).total
-    measured = measured_peak(config, batch_size, seq_len, precision, checkpointing, full_blocks, low_memory)
+                             full_blocks=full_blocks, device="cpu", low_memory=low_memory, **recipe).total
+    measured = measured_peak(config, batch_size, seq_len, precision, checkpointing, full_blocks, low_memory,
+                             **recipe)
     assert abs(predicted / measured - 1) <= 0.10, (predicted / GiB, measured / GiB)
 
 
@@ -308,3 +319,39 @@ def test_a_global_batch_the_ranks_cannot_split_is_a_one_line_error():
     with pytest.raises(ConfigError, match="across 3 ranks") as error:
         fit_to_budget(GPT2, 16 * GiB, batch_size=4, grad_accum=4, device="cuda", ranks=3)
     assert "\n" not in str(error.value) and "16 sequences" in str(error.value)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_optimizer_state_and_average_are_counted_tensor_for_tensor(optimizer):
+    """The planner's optimizer and average terms against the state a real step leaves (Muon keeps
+    one momentum for the blocks' matrices, AdamW two moments for the rest) and WeightEMA's copy."""
+    model = GPT(SMALL)
+    cfg = build_train_config(None, optimizer=optimizer)
+    optimizers = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizers.step()
+    state_bytes = sum(v.nbytes for o in optimizers.optimizers for state in o.state.values() for v in state.values()
+                      if isinstance(v, torch.Tensor) and v.dim() > 0)  # not the step counters
+    assert optimizer_state_elements(SMALL, optimizer) * FP32 == state_bytes
+    plan = predict_peak(SMALL, 2, 128, precision="fp32", optimizer=optimizer, ema=True)
+    assert plan.optimizer == state_bytes
+    assert plan.average == sum(t.nbytes for t in WeightEMA(model, 0.99).shadow)
+    without = predict_peak(SMALL, 2, 128, precision="fp32", optimizer=optimizer)
+    assert without.average == 0 and plan.total > without.total
+
+
+def test_a_recipes_state_is_in_the_fit_and_the_plan_command(capsys):
+    config = PRESETS["gpt2-125m"]
+    adamw = fit_to_budget(config, 3 * GiB, batch_size=4, grad_accum=4, precision="bf16", device="cpu")
+    muon_ema = fit_to_budget(config, 3 * GiB, batch_size=4, grad_accum=4, precision="bf16", device="cpu",
+                             optimizer="muon", ema=True)
+    assert muon_ema.plan.average > 0 and muon_ema.plan.total <= muon_ema.tensor_budget
+    assert (muon_ema.batch_size, muon_ema.checkpointing, muon_ema.full_checkpoint_blocks) != \
+        (adamw.batch_size, adamw.checkpointing, adamw.full_checkpoint_blocks)  # 0.46 GiB more to fit
+    with pytest.raises(ConfigError, match="--low-memory"):
+        predict_peak(config, 1, low_memory=True, optimizer="muon")
+    main(["plan", "--optimizer", "muon", "--ema", "--device", "cpu", "--precision", "fp32"])
+    out = capsys.readouterr().out
+    assert "Muon and AdamW, weight average" in out and out.splitlines()[-3].split()[0] == "average"
+    assert json.loads(out.splitlines()[-1])["plan"]["average"] == 4 * num_parameters(config)

@@ -1,12 +1,11 @@
 """A regression guard for the best recipe's loss curve: a short ``tiny`` run of ``--recipe
 data-limited`` must stay inside a band around its recorded curve (training loss at fixed steps and
-the validation loss of the weights it evaluates, its weight average) and stay ahead of the seed
-recipe's recorded curve.
+the validation loss) and stay ahead of the seed recipe's recorded curve.
 
 The band is loose enough for another CPU's float rounding, tight enough that a lever silently
-falling off (Muon's matrices back on AdamW, the weight average not used for evaluation, the
-schedule's shape or the decay groups changing) moves a point out of it. After an intended change
-to a recipe, record both curves again and say why in the commit:
+falling off (Muon's matrices back on AdamW, the schedule's shape or the decay groups changing)
+moves a point out of it. After an intended change to a recipe, record both curves again and say
+why in the commit:
 
     POCKETLM_RECORD_CURVES=1 python -m pytest tests/test_recipe_curve.py
 """

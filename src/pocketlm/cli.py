@@ -180,34 +180,42 @@ def plan_command(
     device: str = typer.Option("auto", help="Device the plan is for: auto (this machine's: cuda, then mps, then "
                                             "cpu), cpu, cuda or mps. A GPU plan leaves room for its context."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Plan for --low-memory training."),
+    optimizer: str = typer.Option("adamw", help="adamw, or muon (one momentum for the blocks' matrices, as "
+                                               "--recipe data-limited trains)."),
+    ema: bool = typer.Option(False, "--ema", help="Count an fp32 weight average (--ema-decay above 0, as "
+                                                  "--recipe data-limited keeps)."),
 ) -> None:
     """Predict a training step's peak memory; with --vram, choose settings that fit. Last line is JSON."""
     import torch
 
-    from pocketlm.config import Checkpointing, Device, Precision, check_value, model_preset
+    from pocketlm.config import Checkpointing, Device, OptimizerName, Precision, check_value, model_preset
     from pocketlm.device import resolve_device, resolve_precision
     from pocketlm.planner import GiB, fit_to_budget, format_plan, parse_size, predict_peak
 
     check_value("checkpointing", checkpointing, Checkpointing)
     check_value("precision", precision, Precision)
     check_value("device", device, Device)
+    check_value("optimizer", optimizer, OptimizerName)
     if device == "auto":
         device = resolve_device("auto").type
     if precision == "auto":
         precision = resolve_precision("auto", torch.device(device))
     config = model_preset(preset)
     plan = predict_peak(config, batch_size, seq_len, precision=precision, checkpointing=checkpointing,
-                        full_blocks=full_checkpoint_blocks, device=device, low_memory=low_memory)
+                        full_blocks=full_checkpoint_blocks, device=device, low_memory=low_memory,
+                        optimizer=optimizer, ema=ema)
     settings = ("low-memory (bf16 gradients and moments, full checkpointing)" if low_memory else
                 f"{checkpointing} checkpointing ({full_checkpoint_blocks} full blocks)")
     print(f"{preset} on {device}, micro-batch {batch_size} x {seq_len or config.block_size} tokens, {precision}, "
-          f"{settings}, AdamW:")
+          f"{settings}, {'Muon and AdamW' if optimizer == 'muon' else 'AdamW'}"
+          f"{', weight average' if ema else ''}:")
     print(format_plan(plan))
     result: dict = {"device": device, "precision": precision, "plan": plan.as_dict()}
     if vram:
         budget = parse_size(vram)
         choice = fit_to_budget(config, budget, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len,
-                               precision=precision, device=device, low_memory=low_memory)
+                               precision=precision, device=device, low_memory=low_memory, optimizer=optimizer,
+                               ema=ema)
         print(f"fits {budget / GiB:.2f} GiB: --batch-size {choice.batch_size} --grad-accum {choice.grad_accum} "
               f"--checkpointing {choice.checkpointing} --full-checkpoint-blocks {choice.full_checkpoint_blocks} "
               f"(effective batch {choice.batch_size * choice.grad_accum}, predicted {choice.plan.total / GiB:.2f} GiB)")

@@ -181,7 +181,8 @@ def make_plan(cfg: TrainConfig, machine: Machine, train_lengths: np.ndarray, tok
         fit = fit_to_budget(model_cfg, machine.memory_budget_bytes, batch_size=batch_size, grad_accum=grad_accum,
                             precision=machine.precision, device=torch.device(machine.device).type,
                             low_memory=low_memory, free_memory=cfg.memory.vram == "auto", ranks=machine.world_size,
-                            shards=machine.world_size if cfg.memory.fsdp else 1)
+                            shards=machine.world_size if cfg.memory.fsdp else 1, optimizer=cfg.optim.optimizer,
+                            ema=cfg.optim.ema_decay > 0)
         batch_size, grad_accum = fit.batch_size, fit.grad_accum
         checkpointing, full_blocks, predicted = fit.checkpointing, fit.full_checkpoint_blocks, fit.plan.total
     check_split(grad_accum, batch_size, machine.world_size)

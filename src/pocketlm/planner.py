@@ -2,7 +2,9 @@
 
 The model counts the bytes of every tensor that is alive at the step's peak, which is at the
 boundary of forward and backward in a micro-step after the first of an accumulation window (so
-gradients are already allocated): weights, gradients and AdamW state in fp32; the activations
+gradients are already allocated): weights, gradients and the optimizer's state in fp32 (AdamW's
+two moments, or with Muon one momentum for the blocks' matrices), the weight average when the
+recipe keeps one; the activations
 each block keeps for backward, which depend on the checkpointing mode; and the fused output
 layer's buffers (see losses.py). ``benchmarks/memory.py`` and ``tests/test_planner.py`` compare
 these predictions with measured peaks.
@@ -106,6 +108,25 @@ def num_parameters(config: ModelConfig) -> int:
     return _root_parameters(config) + config.n_layer * _block_parameters(config)
 
 
+def hidden_matrix_parameters(config: ModelConfig) -> int:
+    """Elements of the blocks' 2-D weights (``optim.hidden_matrix_names``: attention's qkv and
+    projection, the MLP's two), which Muon trains."""
+    return config.n_layer * 12 * config.n_embd ** 2
+
+
+def optimizer_state_elements(config: ModelConfig, optimizer: str = "adamw") -> int:
+    """Elements of optimizer state a step keeps between steps: AdamW's two moments for every
+    parameter; with ``muon``, one momentum for the blocks' matrices and AdamW's two for the rest
+    (``optim.build_optimizer``)."""
+    params = num_parameters(config)
+    if optimizer == "adamw":
+        return 2 * params
+    if optimizer == "muon":
+        matrices = hidden_matrix_parameters(config)
+        return matrices + 2 * (params - matrices)
+    raise ConfigError(f"unknown optimizer {optimizer!r}; expected adamw or muon")
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """Predicted peak bytes of one training micro-step, by component."""
@@ -119,11 +140,13 @@ class MemoryPlan:
     gathered: int = 0
     """Under FSDP2, the transient unsharded copies of sharded parameters and their gradients
     (see ``predict_peak``); 0 in a single process."""
+    average: int = 0
+    """The fp32 weight average (``ema.WeightEMA``) a recipe with ``ema_decay`` keeps; 0 without."""
 
     @property
     def total(self) -> int:
         return (self.weights + self.gradients + self.optimizer + self.activations + self.logits_and_loss
-                + self.workspace + self.gathered)
+                + self.workspace + self.gathered + self.average)
 
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "total": self.total}
@@ -196,9 +219,11 @@ def _per_shard(total: int, shards: int) -> int:
 
 def predict_peak(config: ModelConfig, batch_size: int, seq_len: int | None = None, *, precision: str = "bf16",
                  checkpointing: str = "selective", full_blocks: int = 2, device: str = "cpu",
-                 low_memory: bool = False, shards: int = 1) -> MemoryPlan:
-    """Peak memory of one training micro-step with AdamW: fp32 weights, gradients and moments,
-    or with ``low_memory`` bf16 gradients and moments and full checkpointing (lowmem.py).
+                 low_memory: bool = False, shards: int = 1, optimizer: str = "adamw",
+                 ema: bool = False) -> MemoryPlan:
+    """Peak memory of one training micro-step: fp32 weights, gradients and ``optimizer``'s state
+    (``optimizer_state_elements``), or with ``low_memory`` bf16 gradients and AdamW moments and full
+    checkpointing (lowmem.py); with ``ema``, an fp32 weight average besides.
 
     ``shards``: one rank's peak when FSDP2 shards the parameters over that many ranks (1: a
     single process, or data parallelism with whole replicas). Each rank then keeps 1/shards of
@@ -211,6 +236,9 @@ def predict_peak(config: ModelConfig, batch_size: int, seq_len: int | None = Non
     """
     if shards < 1:
         raise ConfigError(f"shards must be at least 1, not {shards}")
+    if low_memory and optimizer != "adamw":
+        raise ConfigError("--low-memory keeps AdamW's state in bf16 and works with --optimizer adamw only, not "
+                          f"{optimizer}")
     seq_len = seq_len or config.block_size
     if seq_len > config.block_size:
         raise ConfigError(f"sequence length {seq_len} exceeds the context of {config.block_size}")
@@ -226,12 +254,13 @@ def predict_peak(config: ModelConfig, batch_size: int, seq_len: int | None = Non
     grad_bytes, moment_bytes = (2, 2) if low_memory else (FP32, FP32)
     weights = _per_shard(FP32 * params, shards)
     gradients = _per_shard(grad_bytes * params, shards)
-    optimizer = _per_shard(2 * moment_bytes * params, shards)
+    state = _per_shard(moment_bytes * optimizer_state_elements(config, optimizer), shards)
+    average = _per_shard(FP32 * params, shards) if ema else 0
     gathered = _gathered_bytes(config, act) if sharded else 0
-    static = weights + gradients + optimizer
+    static = weights + gradients + state + average
     workspace = int(WORKSPACE_FRACTION.get(device, 0.1) * (static + activations + head + gathered))
-    return MemoryPlan(weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
-                      logits_and_loss=head, workspace=workspace, gathered=gathered)
+    return MemoryPlan(weights=weights, gradients=gradients, optimizer=state, activations=activations,
+                      logits_and_loss=head, workspace=workspace, gathered=gathered, average=average)
 
 
 @dataclass(frozen=True)
@@ -253,7 +282,7 @@ def _checkpoint_ladder(n_layer: int) -> list[tuple[str, int]]:
 def fit_to_budget(config: ModelConfig, budget_bytes: int, *, batch_size: int, grad_accum: int,
                   seq_len: int | None = None, precision: str = "bf16", device: str = "cpu",
                   low_memory: bool = False, free_memory: bool = False, ranks: int = 1,
-                  shards: int = 1) -> FitChoice:
+                  shards: int = 1, optimizer: str = "adamw", ema: bool = False) -> FitChoice:
     """Settings whose predicted peak fits ``budget_bytes``, keeping the effective batch
     (micro-batch x accumulation). Preference: the largest micro-batch that fits without full
     checkpointing, with the least recomputation; full checkpointing only as a last resort.
@@ -262,8 +291,9 @@ def fit_to_budget(config: ModelConfig, budget_bytes: int, *, batch_size: int, gr
 
     With ``ranks`` data-parallel processes the budget is each rank's and the effective batch is
     the global one: each rank runs grad_accum / ranks of a step's micro-batches, so only
-    micro-batches whose accumulation is a multiple of ``ranks`` are chosen. ``shards`` is passed
-    to ``predict_peak`` (FSDP2 sharding over that many ranks)."""
+    micro-batches whose accumulation is a multiple of ``ranks`` are chosen. ``shards``,
+    ``optimizer`` and ``ema`` are passed to ``predict_peak`` (FSDP2 sharding over that many ranks;
+    the optimizer's state and the weight average)."""
     if ranks < 1:
         raise ConfigError(f"ranks must be at least 1, not {ranks}")
     losses = card_losses(device)
@@ -285,7 +315,8 @@ def fit_to_budget(config: ModelConfig, budget_bytes: int, *, batch_size: int, gr
         for micro in sorted(set(micro_sizes), reverse=True):
             for mode, full in modes:
                 plan = predict_peak(config, micro, seq_len, precision=precision, checkpointing=mode,
-                                    full_blocks=full, device=device, low_memory=low_memory, shards=shards)
+                                    full_blocks=full, device=device, low_memory=low_memory, shards=shards,
+                                    optimizer=optimizer, ema=ema)
                 if plan.total <= usable:
                     return FitChoice(micro, effective // micro, mode, full, plan, usable)
         return None
@@ -293,7 +324,7 @@ def fit_to_budget(config: ModelConfig, budget_bytes: int, *, batch_size: int, gr
     choice = first_fit(ladder[:-1]) or first_fit(ladder[-1:])
     if choice is None:
         smallest = predict_peak(config, 1, seq_len, precision=precision, checkpointing="full", device=device,
-                                low_memory=low_memory, shards=shards)
+                                low_memory=low_memory, shards=shards, optimizer=optimizer, ema=ema)
         lost = "the allocator's margin is" if free_memory else \
             "the driver's share, the CUDA context and the allocator's margin are"
         context = f" ({usable / GiB:.2f} GiB for tensors once {lost} set aside)" if losses != NO_LOSSES else ""
@@ -304,8 +335,8 @@ def fit_to_budget(config: ModelConfig, budget_bytes: int, *, batch_size: int, gr
 
 
 def format_plan(plan: MemoryPlan) -> str:
-    # a single process gathers nothing: its breakdown stays as it was before sharding existed
+    # a single process gathers nothing and a run without a weight average keeps none: no empty rows
     rows = [(name.replace("_", " "), value) for name, value in plan.as_dict().items()
-            if name != "gathered" or value]
+            if name not in ("gathered", "average") or value]
     return "\n".join(f"  {name:<16} {value / GiB:7.3f} GiB" for name, value in rows)
 
