@@ -124,15 +124,20 @@ def budget_name(epochs: int, max_steps: int | None) -> str:
     return "" if epochs == TrainConfig().optim.epochs else f"{epochs} epochs"
 
 
+def report_parts(model: str, budget: str = "") -> list[str]:
+    """What tells one report from another: the model (``tiny`` is the unnamed default) and a budget
+    other than the seed's."""
+    return [part for part in (model if model != "tiny" else "", budget) if part]
+
+
 def section_heading(model: str, budget: str = "") -> str:
     """Each model and each budget other than the seed's has its own section: a measurement at
     one never overwrites another's."""
-    return ", ".join([SECTION] + [part for part in (model if model != "tiny" else "", budget) if part])
+    return ", ".join([SECTION, *report_parts(model, budget)])
 
 
 def plot_path(model: str, budget: str = "") -> Path:
-    name = "-".join(["quality"] + [part.replace(" ", "-") for part in (model if model != "tiny" else "", budget)
-                                   if part])
+    name = "-".join(["quality", *(part.replace(" ", "-") for part in report_parts(model, budget))])
     return REPO / "docs" / f"{name}.png"
 
 
@@ -463,6 +468,21 @@ def earlier_results(paths: list[Path], setup: dict[str, Any], machine: dict[str,
     return results
 
 
+def provenance(earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Which invocation measured which of ``--merge``'s runs. A merged result that itself merged
+    others passes their entries on and is named only for the runs it added, so a report merged
+    twice still names the command behind each run."""
+    entries = []
+    for result in earlier:
+        inherited = list(result.get("merged", []))
+        passed_on = {label for entry in inherited for label in entry["runs"]}
+        entries += inherited
+        own = [label for label in result["runs"] if label not in passed_on]
+        if own:
+            entries.append({k: result[k] for k in ("command", "date", "load_average", "runtime_s")} | {"runs": own})
+    return entries
+
+
 def seeds_of(label: str, seeds: list[int], args: argparse.Namespace) -> list[int]:
     """The seeds run ``label`` trains: the first ``--sweep-seeds`` for a swept learning rate, the
     first ``--variant-seeds`` for a ``--variant``, all of ``seeds`` otherwise."""
@@ -549,8 +569,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         __file__, argv, device, **setup, seeds=sorted({s["seed"] for x in runs.values() for s in x["seeds"]}),
         held_out_tokens=first["held_out_tokens"],
         plot=(args.plot or plot_path(args.model, budget_name(args.epochs, args.max_steps))).name,
-        merged=[{k: e[k] for k in ("command", "date", "load_average", "runtime_s")} | {"runs": list(e["runs"])}
-                for e in earlier],
+        merged=provenance(earlier),
         notes=[note for e in earlier for note in e.get("notes", [])] + args.note,
         recipe_data_limited=build_train_config(None, recipe="data-limited").flat(), runs=runs,
         targets=judge(TARGETS, target_values(runs)), levers=lever_comparisons(runs))
@@ -712,7 +731,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--note", action="append", default=[], help="a sentence for the report, e.g. what else shared "
                    "the machine; it stays with the result when merged; repeatable")
     p.add_argument("--plot", type=Path, default=None, help="where --update-docs draws the curves (default "
-                   "docs/quality.png for tiny, docs/quality-MODEL.png otherwise)")
+                   "docs/quality(-MODEL)(-BUDGET).png: no MODEL for tiny, no BUDGET for the seed's 3 epochs, "
+                   "e.g. docs/quality-6-epochs.png)")
     add_common_options(p, f"{SECTION} (, MODEL)(, BUDGET)")
     return p.parse_args(argv)
 

@@ -232,3 +232,16 @@ def test_a_merged_run_keeps_its_seeds_and_only_the_missing_ones_train():
     assert quality.measured_seeds(None, {"recipe": "seed"}, "seed") == []
     with pytest.raises(SystemExit, match="another label"):  # the same label, other settings: not the same run
         quality.measured_seeds(merged, {"recipe": "data-limited", "ema_decay": 0.995}, "data-limited")
+
+
+def test_a_report_merged_twice_names_the_command_behind_each_run():
+    def result(command, runs, merged=()):
+        return {"command": command, "date": "d", "load_average": {"before": 0, "after": 0}, "runtime_s": 1.0,
+                "runs": dict.fromkeys(runs, {}), "merged": list(merged)}
+    seed_only = result("quality.py --runs seed", ["seed"])
+    with_dl = result("quality.py --runs data-limited --merge seed.json", ["seed", "data-limited"],
+                     quality.provenance([seed_only]))
+    entries = quality.provenance([with_dl])
+    assert [(e["command"], e["runs"]) for e in entries] == [
+        ("quality.py --runs seed", ["seed"]), ("quality.py --runs data-limited --merge seed.json", ["data-limited"])]
+    assert quality.provenance([result("quality.py --update-docs --merge x.json", ["seed"], entries[:1])]) == entries[:1]

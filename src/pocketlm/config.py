@@ -406,6 +406,11 @@ FSDP_REFUSALS = {
 }
 
 
+def low_memory_refusal(optimizer: str) -> str:
+    """Why --low-memory refuses an optimizer other than AdamW: one sentence for every place that checks."""
+    return f"--low-memory keeps AdamW's state in bf16 and works with --optimizer adamw only, not {optimizer}"
+
+
 SECTIONS: dict[str, type] = {"dataset": DataConfig, "optim": OptimConfig, "memory": MemoryConfig,
                              "run": RunConfig}
 
@@ -435,8 +440,7 @@ class TrainConfig(Validated):
             if refused:
                 raise ConfigError(f"--fsdp cannot be combined with {refused[0]}: " + FSDP_REFUSALS[refused[0]])
         if self.memory.low_memory and self.optim.optimizer == "muon":
-            raise ConfigError("--low-memory keeps AdamW's state in bf16 and works with --optimizer adamw only, "
-                              "not muon")
+            raise ConfigError(low_memory_refusal(self.optim.optimizer))
 
     def model_config(self) -> ModelConfig:
         base = model_preset(self.preset)

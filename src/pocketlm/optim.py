@@ -24,7 +24,7 @@ from typing import Any, Callable, Collection, Protocol
 import torch
 import torch.nn as nn
 
-from pocketlm.config import OptimConfig
+from pocketlm.config import OptimConfig, low_memory_refusal
 from pocketlm.errors import ConfigError
 from pocketlm.lowmem import LowMemoryAdamW
 
@@ -185,7 +185,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, *,
     matrices (``hidden_matrix_names``) and AdamW for the rest."""
     muon_names = hidden_matrix_names(model) if cfg.optimizer == "muon" else []
     if muon_names and low_memory:
-        raise ConfigError("--low-memory keeps AdamW's state in bf16 and works with --optimizer adamw only, not muon")
+        raise ConfigError(low_memory_refusal(cfg.optimizer))
     groups = decay_groups(model, cfg.weight_decay, skip=set(muon_names))
     betas = (cfg.beta1, cfg.beta2)
     if low_memory:

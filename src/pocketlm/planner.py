@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from pocketlm.config import ModelConfig
+from pocketlm.config import ModelConfig, low_memory_refusal
 from pocketlm.errors import ConfigError
 from pocketlm.losses import CHUNK_ELEMENTS
 
@@ -237,8 +237,7 @@ def predict_peak(config: ModelConfig, batch_size: int, seq_len: int | None = Non
     if shards < 1:
         raise ConfigError(f"shards must be at least 1, not {shards}")
     if low_memory and optimizer != "adamw":
-        raise ConfigError("--low-memory keeps AdamW's state in bf16 and works with --optimizer adamw only, not "
-                          f"{optimizer}")
+        raise ConfigError(low_memory_refusal(optimizer))
     seq_len = seq_len or config.block_size
     if seq_len > config.block_size:
         raise ConfigError(f"sequence length {seq_len} exceeds the context of {config.block_size}")
