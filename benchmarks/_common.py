@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from pocketlm.device import cpu_has_native_bf16
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
 WIKI_VALID = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
@@ -56,7 +58,8 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
         hf_version = None
     info = {"cpu": cpu_model(), "logical_cores": os.cpu_count(), "usable_cores": usable_cores(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "transformers": hf_version,
-            "python": platform.python_version(), "platform": platform.platform(), "device": str(device)}
+            "python": platform.python_version(), "platform": platform.platform(), "device": str(device),
+            "cpu_native_bf16": cpu_has_native_bf16()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -196,7 +199,8 @@ def render_section(result: dict[str, Any], heading: str, summary: str, tables: S
     """``heading``, a short summary, the machine/date/load/command lines, the tables, the targets,
     notes and a short method paragraph."""
     m, load = result["machine"], result["load_average"]
-    machine = (f"{m['cpu']}, {m['usable_cores']} usable of {m['logical_cores']} cores, {m['torch_threads']} torch "
+    bf16 = {True: " with native bf16", False: " without native bf16"}.get(m.get("cpu_native_bf16"), "")
+    machine = (f"{m['cpu']}{bf16}, {m['usable_cores']} usable of {m['logical_cores']} cores, {m['torch_threads']} torch "
                f"thread(s); torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; "
                f"device {m['device']}" + (f" ({m['gpu']})" if m.get("gpu") else ""))
     parts = [heading, summary.strip(), "\n".join([

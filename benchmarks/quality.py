@@ -114,7 +114,8 @@ SEED_RUNS = ("seed", SWEEP)
 SAME_SETUP = ("model", "model_config", "precision", "epochs", "max_steps", "stride", "context", "train_articles",
               "held_out_articles")
 """What a merged result must share with this one for their runs to be compared."""
-SAME_MACHINE = ("cpu", "usable_cores", "torch", "torch_threads", "device", "gpu")
+# A key an earlier result lacks (it predates the key) is not counted as a difference.
+SAME_MACHINE = ("cpu", "cpu_native_bf16", "usable_cores", "torch", "torch_threads", "device", "gpu")
 
 
 def budget_name(epochs: int, max_steps: int | None) -> str:
@@ -456,7 +457,7 @@ def earlier_results(paths: list[Path], setup: dict[str, Any], machine: dict[str,
         try:
             earlier = json.loads(path.read_text(encoding="utf-8"))
             differ = [k for k in SAME_SETUP if earlier[k] != setup[k]]
-            differ += [f"machine {k}" for k in SAME_MACHINE if earlier["machine"].get(k) != machine.get(k)]
+            differ += [f"machine {k}" for k in SAME_MACHINE if earlier["machine"].get(k, machine.get(k)) != machine.get(k)]
             if not isinstance(earlier["runs"], dict):
                 raise TypeError("its runs are not a mapping")
         except (OSError, ValueError, KeyError, TypeError) as e:

@@ -177,6 +177,12 @@ def test_merge_takes_only_results_of_the_same_setup_and_machine(tmp_path):
             quality.earlier_results([good], changed, r["machine"])
     with pytest.raises(SystemExit, match="machine cpu differ"):
         quality.earlier_results([good], setup, {**r["machine"], "cpu": "another"})
+    other_bf16 = not r["machine"]["cpu_native_bf16"]  # same model name, another generation: times differ
+    with pytest.raises(SystemExit, match="machine cpu_native_bf16 differ"):
+        quality.earlier_results([good], setup, {**r["machine"], "cpu_native_bf16": other_bf16})
+    older = tmp_path / "older.json"  # from before results recorded the key: not a difference
+    older.write_text(json.dumps({**r, "machine": {k: v for k, v in r["machine"].items() if k != "cpu_native_bf16"}}))
+    assert quality.earlier_results([older], setup, r["machine"])
     for bad, text in (("junk.json", "{not json"), ("other.json", json.dumps({"benchmark": "memory"}))):
         (tmp_path / bad).write_text(text)
         with pytest.raises(SystemExit, match=f"--merge .*{bad}: not a result of this benchmark"):

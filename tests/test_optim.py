@@ -164,7 +164,7 @@ def test_the_cpu_muon_is_torchs_update_with_an_fp32_orthogonalisation(monkeypatc
     ours = [torch.randn(s, requires_grad=True) for s in shapes]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
     settings = {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.9, "nesterov": True, "adjust_lr_fn": "original"}
-    mine, reference = FP32Muon(ours, **settings), torch.optim.Muon(theirs, **settings)
+    mine, reference = FP32Muon(ours, fp32_iteration=True, **settings), torch.optim.Muon(theirs, **settings)
     monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", fp32_newton_schulz)
     for step in range(3):
         grads = [torch.randn(s, generator=torch.Generator().manual_seed(step * 10 + i)) for i, s in enumerate(shapes)]
@@ -177,6 +177,30 @@ def test_the_cpu_muon_is_torchs_update_with_an_fp32_orthogonalisation(monkeypatc
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(mine.state[a]["momentum_buffer"], reference.state[b]["momentum_buffer"])
     reference.load_state_dict(mine.state_dict())  # one state format: checkpoints move between them
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_the_cpu_muon_iterates_in_bf16_exactly_where_the_cpu_has_it(monkeypatch, native_bf16):
+    """Native bf16 (AVX512-BF16, AMX) makes torch's bf16 iteration the faster one, so there the
+    step is torch's, bit for bit; a CPU that emulates bf16 gets the fp32 iteration."""
+    import pocketlm.optim as optim_mod
+    from pocketlm.optim import FP32Muon
+
+    monkeypatch.setattr(optim_mod, "cpu_has_native_bf16", lambda: native_bf16)
+    shapes = [(24, 8), (16, 16)]
+    ours = [torch.randn(s, generator=torch.Generator().manual_seed(i), requires_grad=True)
+            for i, s in enumerate(shapes)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    mine, reference = FP32Muon(ours, lr=0.02), torch.optim.Muon(theirs, lr=0.02)
+    assert mine.fp32_iteration is not native_bf16
+    for params in (ours, theirs):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 + i))
+    mine.step()
+    reference.step()
+    same = all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert same is native_bf16  # bf16's rounding tells the two iterations apart
+    assert FP32Muon(ours, lr=0.02, fp32_iteration=not native_bf16).fp32_iteration is not native_bf16
 
 
 def test_the_fp32_orthogonalisation_agrees_with_torchs_bf16_one():

@@ -8,10 +8,11 @@ gradients live in ``.grad`` (AdamW, Muon) or in the bf16 buffers of ``--low-memo
 ``torch.optim.Muon`` and everything else (embeddings, the tied output layer, biases, LayerNorm
 gains) with AdamW, two optimizers stepped as one. The schedule gives AdamW's learning rate; each
 parameter group carries an ``lr_scale`` (its own peak over ``--lr``), so Muon follows the same
-shape from its own peak, ``--muon-lr``. On the CPU it is ``FP32Muon``: the same update with its
-orthogonalisation in fp32, since torch's runs in bf16, which a CPU without bf16 matrix units
-emulates at a small fraction of its fp32 speed (``benchmarks/muon_step.py``; docs/benchmarks.md, "Muon
-on the CPU").
+shape from its own peak, ``--muon-lr``. It is ``FP32Muon``: on a CPU without native bf16 (no
+AVX512-BF16 or AMX) the same update with its orthogonalisation in fp32, since torch's runs in
+bf16, which such a CPU emulates at a small fraction of its fp32 speed; on one with native bf16,
+and off the CPU, torch's own bf16 iteration, the faster there (``benchmarks/muon_step.py``;
+docs/benchmarks.md, "Muon on the CPU").
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from pocketlm.config import OptimConfig, low_memory_refusal
+from pocketlm.device import cpu_has_native_bf16
 from pocketlm.errors import ConfigError
 from pocketlm.lowmem import LowMemoryAdamW
 
@@ -61,13 +63,19 @@ def muon_lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
 
 
 class FP32Muon(torch.optim.Muon):
-    """``torch.optim.Muon`` with its orthogonalisation in fp32 for parameters on the CPU (the same
-    groups, hyperparameters, state and update; only the iteration's precision differs). Elsewhere
-    it is torch's own step."""
+    """``torch.optim.Muon`` with its orthogonalisation in fp32 for parameters on a CPU that
+    emulates bf16 (the same groups, hyperparameters, state and update; only the iteration's
+    precision differs). Elsewhere it is torch's own step. ``fp32_iteration`` forces the choice
+    for the CPU (None: fp32 exactly when the CPU lacks native bf16)."""
+
+    def __init__(self, params: Any, *args: Any, fp32_iteration: bool | None = None, **kwargs: Any) -> None:
+        super().__init__(params, *args, **kwargs)
+        self.fp32_iteration = not cpu_has_native_bf16() if fp32_iteration is None else fp32_iteration
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        if any(p.device.type != "cpu" for group in self.param_groups for p in group["params"]):
+        if not self.fp32_iteration or any(p.device.type != "cpu" for group in self.param_groups
+                                          for p in group["params"]):
             return super().step(closure)
         loss = None
         if closure is not None:
