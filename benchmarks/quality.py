@@ -28,8 +28,10 @@ A measurement too long for one sitting (``gpt2-125m`` on a CPU) can be split: ``
 one invocation's result and ``--merge`` joins its runs to a later one's report, on the same machine
 and setup only; a merged run asked for again keeps its seeds and trains only the missing ones
 (with the same settings only). ``--stop-at-seed`` ends every run but the seed recipe's and the reference's at the
-first evaluation at or below the seed recipe's final held-out loss: all the second target needs, and
-the run then says nothing about the other targets, which leave it out.
+first evaluation at or below the seed recipe's final held-out loss at the same seed: all the second
+target needs, and the run then says nothing about the other targets, which leave it out; a lever
+measured so is compared at equal tokens where both its runs got to, and by each one's time to that
+loss.
 
 Every run is scored by the same function, ``pocketlm.evaluate.evaluate_sliding`` (sliding windows of
 the context length, ``--stride``, default half of it) on the held-out articles: the Hugging Face
@@ -99,8 +101,8 @@ TARGETS = {
                          "byte, reference minus seed, plus one standard error of that difference: a gap within the "
                          "seeds' noise counts as equal)", 0.0, fmt="{:+.4f}"),
     "data_limited_time_to_seed": Target("`--recipe data-limited` reaches the seed recipe's final held-out loss in "
-                                        "at most half the seed recipe's training time (its time there over the "
-                                        "seed's whole time)", 0.5, at_most=True, fmt="{:.2f}x"),
+                                        "at most half the seed recipe's training time (its time there, each seed against the seed "
+                                        "recipe's loss at the same seed, over the seed recipe's whole time)", 0.5, at_most=True, fmt="{:.2f}x"),
     "data_limited_vs_tuned": Target("`--recipe data-limited`'s held-out word perplexity at least 15% below the "
                                     "seed recipe's at its best learning rate of the sweep (1 - ratio)", 0.15,
                                     fmt="{:.1%}"),
@@ -160,26 +162,42 @@ def time_to_reach(curve: list[dict[str, Any]], loss: float) -> float | None:
     return None
 
 
-def loss_at(curve: list[dict[str, Any]], seconds: float) -> float | None:
-    """Held-out loss ``curve`` had reached after ``seconds`` of training (linear between
-    evaluations, its last loss after its end), None before its first evaluation."""
-    if seconds < curve[0]["seconds"]:
+def loss_at(curve: list[dict[str, Any]], seconds: float, by: str = "seconds") -> float | None:
+    """Held-out loss ``curve`` had reached after ``seconds`` of training (or as many training
+    tokens, ``by="tokens"``; linear between evaluations, its last loss after its end), None before
+    its first evaluation."""
+    if seconds < curve[0][by]:
         return None
     for before, after in zip(curve, curve[1:]):
-        if seconds <= after["seconds"]:
-            share = (seconds - before["seconds"]) / max(after["seconds"] - before["seconds"], 1e-9)
+        if seconds <= after[by]:
+            share = (seconds - before[by]) / max(after[by] - before[by], 1e-9)
             return before["loss"] + share * (after["loss"] - before["loss"])
     return curve[-1]["loss"]
+
+
+def seed_goal(runs: dict[str, dict[str, Any]], seed: int) -> float:
+    """The loss ``--stop-at-seed`` ends a run at and the second target times: the seed recipe's
+    final held-out loss at the same seed (a paired comparison), its mean where it lacks that seed."""
+    same = [s["curve"][-1]["loss"] for s in runs["seed"]["seeds"] if s["seed"] == seed]
+    return same[0] if same else runs["seed"]["summary"]["loss"]["mean"]
+
+
+def mean_time_to_goal(runs: dict[str, dict[str, Any]], seeds: list[dict[str, Any]]) -> float | None:
+    """Mean over ``seeds`` of the training time each took to reach its ``seed_goal``; None if one never did."""
+    times = [time_to_reach(s["curve"], seed_goal(runs, s["seed"])) for s in seeds]
+    return None if None in times else statistics.fmean(times)
 
 
 def lever_comparisons(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Each variant of a named recipe against that recipe's run, on the seeds both have (all the
     recipe's seeds where they share none): final held-out loss at equal tokens, and each one's
-    loss at the shorter of their mean training times. Positive differences: the recipe is ahead."""
+    loss at the shorter of their mean training times. Positive differences: the recipe is ahead.
+    Where a run ended at ``--stop-at-seed``'s goal, equal tokens is each seed's shorter run's last
+    tokens, and each one's mean time to that goal is compared too."""
     rows = []
     for label, x in runs.items():
         base_label = x.get("settings", {}).get("recipe")
-        if label in LABELS or label.startswith(SWEEP) or base_label not in runs or stopped(x):
+        if label in LABELS or label.startswith(SWEEP) or base_label not in runs:
             continue
         variant_seeds = x["seeds"]
         shared = {s["seed"] for s in variant_seeds}
@@ -189,13 +207,32 @@ def lever_comparisons(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         seconds, base_seconds = (statistics.fmean(s["seconds"] for s in seeds) for seeds in (variant_seeds, base_seeds))
         at = min(seconds, base_seconds)
         variant_at, base_at = ([loss_at(s["curve"], at) for s in seeds] for seeds in (variant_seeds, base_seeds))
-        rows.append({"label": label, "recipe": base_label, "seeds": sorted(shared),
-                     "changed": {k: v for k, v in x["settings"].items() if k != "recipe"},
-                     "loss": loss, "recipe_loss": base_loss, "seconds": seconds, "recipe_seconds": base_seconds,
-                     "equal_tokens": loss - base_loss, "equal_time_at": at,
-                     "equal_time": (None if None in variant_at + base_at else
-                                    statistics.fmean(variant_at) - statistics.fmean(base_at))})
+        row = {"label": label, "recipe": base_label, "seeds": sorted(shared),
+               "changed": {k: v for k, v in x["settings"].items() if k != "recipe"},
+               "loss": loss, "recipe_loss": base_loss, "seconds": seconds, "recipe_seconds": base_seconds,
+               "equal_tokens": loss - base_loss, "equal_time_at": at,
+               "equal_time": (None if None in variant_at + base_at else
+                              statistics.fmean(variant_at) - statistics.fmean(base_at))}
+        if stopped(x) or stopped(runs[base_label]):
+            row.update(stopped_lever(runs, variant_seeds, base_seeds))
+        rows.append(row)
     return rows
+
+
+def stopped_lever(runs: dict[str, dict[str, Any]], variant_seeds: list[dict[str, Any]],
+                  base_seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    """A lever's figures where its runs ended at the seed recipe's loss, so at unequal tokens:
+    both at each seed's shorter run's last tokens, and each one's time to that loss."""
+    base_by_seed = {s["seed"]: s for s in base_seeds}
+    pairs = [(s, base_by_seed[s["seed"]]) for s in variant_seeds if s["seed"] in base_by_seed]
+    tokens = [min(v["curve"][-1]["tokens"], b["curve"][-1]["tokens"]) for v, b in pairs]
+    differences = [loss_at(v["curve"], t, "tokens") - loss_at(b["curve"], t, "tokens")
+                   for (v, b), t in zip(pairs, tokens) if None not in (loss_at(v["curve"], t, "tokens"),
+                                                                        loss_at(b["curve"], t, "tokens"))]
+    return {"equal_tokens": statistics.fmean(differences) if differences else None,
+            "equal_tokens_at": statistics.fmean(tokens) if tokens else None,
+            "time_to_goal": mean_time_to_goal(runs, [v for v, _ in pairs]),
+            "recipe_time_to_goal": mean_time_to_goal(runs, [b for _, b in pairs])}
 
 
 def target_values(runs: dict[str, dict[str, Any]]) -> dict[str, float | None]:
@@ -207,10 +244,9 @@ def target_values(runs: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         error = math.sqrt(hf["std"] ** 2 / n_hf + seed["std"] ** 2 / n_seed)
         values["seed_vs_hf"] = hf["mean"] - seed["mean"] + error
     if "seed" in runs and "data-limited" in runs:
-        goal = runs["seed"]["summary"]["loss"]["mean"]
-        times = [time_to_reach(s["curve"], goal) for s in runs["data-limited"]["seeds"]]
-        values["data_limited_time_to_seed"] = (None if None in times else
-                                               statistics.fmean(times) / runs["seed"]["summary"]["seconds"]["mean"])
+        time = mean_time_to_goal(runs, runs["data-limited"]["seeds"])
+        values["data_limited_time_to_seed"] = (None if time is None else
+                                               time / runs["seed"]["summary"]["seconds"]["mean"])
     tuned = [r["summary"]["word_ppl"]["mean"] for label, r in runs.items() if label.startswith(SEED_RUNS)]
     if "data-limited" in runs and tuned and not stopped(runs["data-limited"]):
         values["data_limited_vs_tuned"] = 1 - runs["data-limited"]["summary"]["word_ppl"]["mean"] / min(tuned)
@@ -550,9 +586,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         kept = {label: measured_seeds(runs.get(label), settings, label) for label, settings in plans}
         for label, settings in plans:
             results = kept[label]
-            goal = (runs["seed"]["summary"]["loss"]["mean"]
-                    if args.stop_at_seed and label != "hf" and not label.startswith(SEED_RUNS) else None)
             for seed in [s for s in seeds_of(label, seeds, args) if s not in {r["seed"] for r in results}]:
+                goal = (seed_goal(runs, seed)
+                        if args.stop_at_seed and label != "hf" and not label.startswith(SEED_RUNS) else None)
                 clock.say(f"{label}, seed {seed}" + (f", until held-out loss {goal:.4f}" if goal else ""))
                 if label == "hf":
                     result = hf_run(model_cfg, TrainConfig(), split, tokenizer, score, seed=seed, epochs=args.epochs,
@@ -635,19 +671,34 @@ def docs_section(r: dict[str, Any]) -> str:
 
 
 def levers_table(levers: list[dict[str, Any]]) -> Table:
-    rows = [[lever["label"], lever["recipe"], ", ".join(f"{k} {v}" for k, v in lever["changed"].items()),
-             ", ".join(map(str, lever["seeds"])), f"{lever['loss']:.4f}", f"{lever['recipe_loss']:.4f}",
-             f"{lever['equal_tokens']:+.4f}",
-             "n/a" if lever["equal_time"] is None else f"{lever['equal_time']:+.4f} at {lever['equal_time_at']:.0f} s",
-             f"{lever['seconds']:.0f} s / {lever['recipe_seconds']:.0f} s"] for lever in levers]
+    rows = []
+    for lever in levers:
+        at_tokens = f" at {lever['equal_tokens_at']:,.0f} tokens" if lever.get("equal_tokens_at") else ""
+        rows.append([lever["label"], lever["recipe"], ", ".join(f"{k} {v}" for k, v in lever["changed"].items()),
+                     ", ".join(map(str, lever["seeds"])), f"{lever['loss']:.4f}", f"{lever['recipe_loss']:.4f}",
+                     "n/a" if lever["equal_tokens"] is None else f"{lever['equal_tokens']:+.4f}{at_tokens}",
+                     "n/a" if lever["equal_time"] is None else
+                     f"{lever['equal_time']:+.4f} at {lever['equal_time_at']:.0f} s",
+                     f"{lever['seconds']:.0f} s / {lever['recipe_seconds']:.0f} s"]
+                    + ([time_to_goal_ratio(lever)] if any("time_to_goal" in x for x in levers) else []))
+    to_goal = (["time to the seed recipe's final loss, variant / recipe"]
+               if any("time_to_goal" in x for x in levers) else [])
     return Table(["variant", "of recipe", "changed", "seeds", "held-out loss", "recipe's", "variant minus recipe, "
-                  "equal tokens", "the same, equal training time", "training time, variant / recipe"], rows,
+                  "equal tokens", "the same, equal training time", "training time, variant / recipe"] + to_goal, rows,
                  caption="Levers: each variant changes one setting of a recipe and is compared with that recipe's "
                          "run on the same seeds. A positive difference means the recipe is ahead: for a variant "
                          "that removes a lever, that the lever wins. Equal training time compares both curves at "
                          "the shorter run's end (linear between evaluations). That favours the shorter run where "
                          "the longer one's schedule still has its decay ahead (wsd decays in its last fifth): a "
                          "lever that wins there would win by more against a run planned for that time.")
+
+
+def time_to_goal_ratio(lever: dict[str, Any]) -> str:
+    """``--stop-at-seed``'s lever column: each run's mean time to the seed recipe's final loss."""
+    variant, recipe = lever.get("time_to_goal"), lever.get("recipe_time_to_goal")
+    if variant is None or recipe is None:
+        return "n/a"
+    return f"{variant:.0f} s / {recipe:.0f} s = {variant / recipe:.2f}x"
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
@@ -728,7 +779,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--merge", type=Path, action="append", default=[], help="an earlier --json-out result of the "
                    "same options on this machine, whose runs join this report; repeatable")
     p.add_argument("--stop-at-seed", action="store_true", help="end each run but the seed recipe's and the "
-                   "reference's at the first evaluation reaching the seed recipe's final held-out loss")
+                   "reference's at the first evaluation reaching the seed recipe's final held-out loss at the same seed")
     p.add_argument("--note", action="append", default=[], help="a sentence for the report, e.g. what else shared "
                    "the machine; it stays with the result when merged; repeatable")
     p.add_argument("--plot", type=Path, default=None, help="where --update-docs draws the curves (default "

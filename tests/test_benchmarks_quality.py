@@ -146,7 +146,33 @@ def test_a_run_stopped_at_the_seed_loss_is_marked_and_left_out_of_what_it_cannot
     assert "data_limited_vs_tuned" not in values  # its word ppl is not the budget's
     assert values["data_limited_time_to_seed"] == pytest.approx(15.0 / 15.5)  # what the stop is for
     assert "(stopped at the seed recipe's final held-out loss)" in quality.docs_section(r)
-    assert quality.lever_comparisons(with_variant(r, "x", 0.0, 15.0)["runs"]) == []  # recipe's curve is cut short
+
+
+def test_the_goal_is_the_seed_recipes_loss_at_the_same_seed():
+    r = fake_result()
+    runs = r["runs"]
+    second = runs["seed"]["seeds"][1]
+    second["curve"] = [{**p, "loss": p["loss"] - 0.25} for p in second["curve"]]  # seed 2 ends at 4.75
+    runs["seed"]["summary"] = quality.summary(runs["seed"]["seeds"])
+    assert quality.seed_goal(runs, 1) == 5.0 and quality.seed_goal(runs, 2) == 4.75
+    assert quality.seed_goal(runs, 3) == pytest.approx(4.875)  # a seed it lacks: its mean
+    # data-limited's seed 1 reaches 5.0 at 15 s; its seed 2 never reaches 4.75, though it reaches the mean
+    assert quality.target_values(runs)["data_limited_time_to_seed"] is None
+
+
+def test_a_lever_of_runs_stopped_at_the_seed_loss_compares_where_both_got_and_their_time_to_it():
+    r = fake_result()
+    for s in r["runs"]["data-limited"]["seeds"]:
+        s["stopped_at_loss"] = 5.0
+    # seed 1 of the variant: 0.3 lower at every evaluation, twice as fast: 5.2 at 3.75 s, 4.7 at 7.5 s
+    [lever] = quality.lever_comparisons(with_variant(r, "with EMA", -0.3, 7.5)["runs"])
+    assert lever["equal_tokens"] == pytest.approx(-0.3) and lever["equal_tokens_at"] == 20_480
+    # the recipe reaches 5.0 at its last evaluation, 15 s; the variant between 5.2 (3.75 s) and 4.7 (7.5 s)
+    assert lever["recipe_time_to_goal"] == pytest.approx(15.0)
+    assert lever["time_to_goal"] == pytest.approx(3.75 + 3.75 * 0.2 / 0.5)
+    text = quality.docs_section({**r, "levers": [lever]})
+    assert "-0.3000 at 20,480 tokens" in text and "| 5 s / 15 s = 0.35x |" in text
+    assert "time to the seed recipe's final loss, variant / recipe" in text
 
 
 def test_each_model_has_its_own_section_and_plot():
