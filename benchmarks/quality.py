@@ -506,18 +506,31 @@ def earlier_results(paths: list[Path], setup: dict[str, Any], machine: dict[str,
 
 
 def provenance(earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Which invocation measured which of ``--merge``'s runs. A merged result that itself merged
-    others passes their entries on and is named only for the runs it added, so a report merged
-    twice still names the command behind each run."""
+    """Which invocation measured which of ``--merge``'s runs, seed by seed (``seeds``: label to
+    seeds). A merged result that itself merged others passes their entries on and is named only
+    for the seeds it added, so a report merged twice still names the command behind each one."""
     entries = []
     for result in earlier:
         inherited = list(result.get("merged", []))
-        passed_on = {label for entry in inherited for label in entry["runs"]}
+        passed_on = {(label, seed) for entry in inherited for label, seeds in entry_seeds(entry, result).items()
+                     for seed in seeds}
         entries += inherited
-        own = [label for label in result["runs"] if label not in passed_on]
+        own = {label: [seed for seed in seeds if (label, seed) not in passed_on]
+               for label, seeds in entry_seeds({"runs": list(result["runs"])}, result).items()}
+        own = {label: seeds for label, seeds in own.items() if seeds}
         if own:
-            entries.append({k: result[k] for k in ("command", "date", "load_average", "runtime_s")} | {"runs": own})
+            entries.append({k: result[k] for k in ("command", "date", "load_average", "runtime_s")}
+                           | {"runs": list(own), "seeds": own})
     return entries
+
+
+def entry_seeds(entry: dict[str, Any], result: dict[str, Any]) -> dict[str, list[Any]]:
+    """A provenance entry's seeds by label; an entry from before seeds were named covers all of
+    its runs' seeds in ``result`` (None where the run names none)."""
+    if "seeds" in entry:
+        return entry["seeds"]
+    return {label: [s["seed"] for s in result["runs"].get(label, {}).get("seeds", [])] or [None]
+            for label in entry["runs"]}
 
 
 def seeds_of(label: str, seeds: list[int], args: argparse.Namespace) -> list[int]:
@@ -661,13 +674,20 @@ def docs_section(r: dict[str, Any]) -> str:
               "(data loading after its cache, its own compilation where the trainer chose it, its own end-of-run "
               "validation and checkpoint)."]
     notes += [f"Merged here (`--merge`) from an earlier invocation on the same machine and setup: "
-              f"{', '.join(m['runs'])}, by `{m['command']}` ({m['date']}, {m['runtime_s']:.0f} s in all; load average "
+              f"{merged_runs(m)}, by `{m['command']}` ({m['date']}, {m['runtime_s']:.0f} s in all; load average "
               f"{m['load_average']['before']} before, {m['load_average']['after']} after)."
               for m in r.get("merged", [])]
     notes += r.get("notes", [])
     tables = [table] + ([levers_table(r["levers"])] if r.get("levers") else [])
     heading = section_heading(r["model"], budget_name(r["epochs"], r["max_steps"]))
     return render_section(r, heading, summary, tables, notes)
+
+
+def merged_runs(entry: dict[str, Any]) -> str:
+    """A provenance entry's runs, with their seeds where it names them: ``seed (1338), hf``."""
+    seeds = entry.get("seeds", {})
+    return ", ".join(label + (f" ({', '.join(map(str, seeds[label]))})" if seeds.get(label) and
+                              None not in seeds[label] else "") for label in entry["runs"])
 
 
 def levers_table(levers: list[dict[str, Any]]) -> Table:

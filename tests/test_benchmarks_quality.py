@@ -277,3 +277,18 @@ def test_a_report_merged_twice_names_the_command_behind_each_run():
     assert [(e["command"], e["runs"]) for e in entries] == [
         ("quality.py --runs seed", ["seed"]), ("quality.py --runs data-limited --merge seed.json", ["data-limited"])]
     assert quality.provenance([result("quality.py --update-docs --merge x.json", ["seed"], entries[:1])]) == entries[:1]
+
+
+def test_a_run_whose_seeds_came_from_two_invocations_names_both():
+    def result(command, runs, merged=()):
+        return {"command": command, "date": "d", "load_average": {"before": 0, "after": 0}, "runtime_s": 1.0,
+                "runs": {label: {"seeds": [{"seed": s} for s in seeds]} for label, seeds in runs.items()},
+                "merged": list(merged)}
+    first = result("quality.py --seeds 1 --runs seed", {"seed": [1]})
+    second = result("quality.py --seeds 2 --runs seed,data-limited --merge first.json",
+                    {"seed": [1, 2], "data-limited": [1, 2]}, quality.provenance([first]))
+    entries = quality.provenance([second])
+    assert [(e["command"], e["seeds"]) for e in entries] == [
+        ("quality.py --seeds 1 --runs seed", {"seed": [1]}),
+        ("quality.py --seeds 2 --runs seed,data-limited --merge first.json", {"seed": [2], "data-limited": [1, 2]})]
+    assert quality.merged_runs(entries[1]) == "seed (2), data-limited (1, 2)"
