@@ -295,8 +295,7 @@ def test_data_limited_recipe_resumes_bit_identical_and_is_used_by_its_average(co
     from pocketlm.checkpoint import load_model
 
     def cfg(name):
-        return small_config(corpus_file, tmp_path / name, tmp_path / "cache", recipe="data-limited", lr=3e-3,
-                            ema_decay=0.995)  # the recipe leaves the average off; the trainer still keeps one
+        return small_config(corpus_file, tmp_path / name, tmp_path / "cache", recipe="data-limited", lr=3e-3)
 
     straight = train(cfg("straight"), show_progress=False)
 
