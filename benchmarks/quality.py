@@ -114,8 +114,9 @@ SEED_RUNS = ("seed", SWEEP)
 
 
 SAME_SETUP = ("model", "model_config", "precision", "epochs", "max_steps", "stride", "context", "train_articles",
-              "held_out_articles")
-"""What a merged result must share with this one for their runs to be compared."""
+              "held_out_articles", "recipe_data_limited")
+"""What a merged result must share with this one for their runs to be compared: its runs name
+recipes, so a recipe changed between the sittings would mix two recipes under one label."""
 # A key an earlier result lacks (it predates the key) is not counted as a difference.
 SAME_MACHINE = ("cpu", "cpu_native_bf16", "usable_cores", "torch", "torch_threads", "device", "gpu")
 
@@ -492,7 +493,7 @@ def earlier_results(paths: list[Path], setup: dict[str, Any], machine: dict[str,
     for path in paths:
         try:
             earlier = json.loads(path.read_text(encoding="utf-8"))
-            differ = [k for k in SAME_SETUP if earlier[k] != setup[k]]
+            differ = [k for k in SAME_SETUP if earlier.get(k, setup[k]) != setup[k]]
             differ += [f"machine {k}" for k in SAME_MACHINE if earlier["machine"].get(k, machine.get(k)) != machine.get(k)]
             if not isinstance(earlier["runs"], dict):
                 raise TypeError("its runs are not a mapping")
@@ -569,7 +570,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         split = split_data(args.data, root)
         setup = {"model": args.model, "model_config": dataclasses.asdict(model_cfg), "precision": precision,
                  "epochs": args.epochs, "max_steps": args.max_steps, "stride": args.stride or context // 2,
-                 "context": context, "train_articles": len(split.train), "held_out_articles": len(split.held_out)}
+                 "context": context, "train_articles": len(split.train), "held_out_articles": len(split.held_out),
+                 "recipe_data_limited": build_train_config(None, recipe="data-limited").flat()}
         earlier = earlier_results(args.merge, setup, machine_info(device))
         for result in earlier:
             runs.update(result["runs"])
@@ -621,7 +623,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         plot=(args.plot or plot_path(args.model, budget_name(args.epochs, args.max_steps))).name,
         merged=provenance(earlier),
         notes=[note for e in earlier for note in e.get("notes", [])] + args.note,
-        recipe_data_limited=build_train_config(None, recipe="data-limited").flat(), runs=runs,
+        runs=runs,
         targets=judge(TARGETS, target_values(runs)), levers=lever_comparisons(runs))
 
 
@@ -728,16 +730,16 @@ def plot(r: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    levers = {lever["label"] for lever in r.get("levers", [])}  # in their own table, not to crowd the curves
-    drawn = [(label, x) for label, x in r["runs"].items() if label not in levers]
-    for colour, (label, x) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], drawn):
+    levers = {lever["label"] for lever in r.get("levers", [])}  # dashed: each differs from its recipe in one setting
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (label, x) in enumerate(r["runs"].items()):
+        style = {"color": colours[index % len(colours)], "alpha": 0.8, "marker": ".",
+                 "linestyle": "--" if label in levers else "-"}
         for i, seed in enumerate(x["seeds"]):
             points = seed["curve"]
             name = LABELS.get(label, f"pocketlm, {label}").replace("`", "") if i == 0 else None
-            by_tokens.plot([p["tokens"] for p in points], [p["loss"] for p in points], color=colour, alpha=0.8,
-                           label=name, marker=".")
-            by_time.plot([p["seconds"] for p in points], [p["loss"] for p in points], color=colour, alpha=0.8,
-                         marker=".")
+            by_tokens.plot([p["tokens"] for p in points], [p["loss"] for p in points], label=name, **style)
+            by_time.plot([p["seconds"] for p in points], [p["loss"] for p in points], **style)
     by_tokens.set(xlabel="training tokens", ylabel=f"held-out loss (sliding window, stride {r['stride']})")
     by_time.set(xlabel="training time (s)")
     by_tokens.legend(fontsize=8)

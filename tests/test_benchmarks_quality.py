@@ -198,7 +198,9 @@ def test_merge_takes_only_results_of_the_same_setup_and_machine(tmp_path):
     good = tmp_path / "seed.json"
     good.write_text(json.dumps(r))
     assert quality.earlier_results([good], setup, r["machine"])[0]["runs"].keys() == r["runs"].keys()
-    for changed, why in (({**setup, "stride": 32}, "stride"), ({**setup, "model": "small"}, "model")):
+    recipe_changed = {**setup, "recipe_data_limited": {**r["recipe_data_limited"], "ema_decay": 0.0}}
+    for changed, why in (({**setup, "stride": 32}, "stride"), ({**setup, "model": "small"}, "model"),
+                         (recipe_changed, "recipe_data_limited")):
         with pytest.raises(SystemExit, match=f"quality: error: --merge .*seed.json was measured otherwise \\({why}"):
             quality.earlier_results([good], changed, r["machine"])
     with pytest.raises(SystemExit, match="machine cpu differ"):

@@ -102,6 +102,7 @@ def _curve(corpus_file, tmp_path, name, **overrides):
 
 
 @pytest.mark.slow
+@pytest.mark.real_peak  # it checks the log's peak is the one measured on this device
 @pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported() and not torch.cpu._is_amx_tile_supported(),
                     reason="bf16 autocast is emulated (and slow) without AVX512-BF16 or AMX")
 def test_fast_path_follows_the_plain_loss_curve(corpus_file, tmp_path):
