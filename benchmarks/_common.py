@@ -200,8 +200,9 @@ def render_section(result: dict[str, Any], heading: str, summary: str, tables: S
     notes and a short method paragraph."""
     m, load = result["machine"], result["load_average"]
     bf16 = {True: " with native bf16", False: " without native bf16"}.get(m.get("cpu_native_bf16"), "")
-    machine = (f"{m['cpu']}{bf16}, {m['usable_cores']} usable of {m['logical_cores']} cores, {m['torch_threads']} torch "
-               f"thread(s); torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; "
+    machine = (f"{m['cpu']}{bf16}, {m['usable_cores']} usable of {m['logical_cores']} cores, "
+               f"{m['torch_threads']} torch thread(s); torch {m['torch']}, transformers {m['transformers']}, "
+               f"Python {m['python']}; "
                f"device {m['device']}" + (f" ({m['gpu']})" if m.get("gpu") else ""))
     parts = [heading, summary.strip(), "\n".join([
         f"- Machine: {machine}.", f"- Date: {result['date']}.",

@@ -101,8 +101,9 @@ TARGETS = {
                          "byte, reference minus seed, plus one standard error of that difference: a gap within the "
                          "seeds' noise counts as equal)", 0.0, fmt="{:+.4f}"),
     "data_limited_time_to_seed": Target("`--recipe data-limited` reaches the seed recipe's final held-out loss in "
-                                        "at most half the seed recipe's training time (its time there, each seed against the seed "
-                                        "recipe's loss at the same seed, over the seed recipe's whole time)", 0.5, at_most=True, fmt="{:.2f}x"),
+                                        "at most half the seed recipe's training time (its time there, each seed "
+                                        "against the seed recipe's loss at the same seed, over the seed recipe's "
+                                        "whole time)", 0.5, at_most=True, fmt="{:.2f}x"),
     "data_limited_vs_tuned": Target("`--recipe data-limited`'s held-out word perplexity at least 15% below the "
                                     "seed recipe's at its best learning rate of the sweep (1 - ratio)", 0.15,
                                     fmt="{:.1%}"),
@@ -227,9 +228,8 @@ def stopped_lever(runs: dict[str, dict[str, Any]], variant_seeds: list[dict[str,
     base_by_seed = {s["seed"]: s for s in base_seeds}
     pairs = [(s, base_by_seed[s["seed"]]) for s in variant_seeds if s["seed"] in base_by_seed]
     tokens = [min(v["curve"][-1]["tokens"], b["curve"][-1]["tokens"]) for v, b in pairs]
-    differences = [loss_at(v["curve"], t, "tokens") - loss_at(b["curve"], t, "tokens")
-                   for (v, b), t in zip(pairs, tokens) if None not in (loss_at(v["curve"], t, "tokens"),
-                                                                        loss_at(b["curve"], t, "tokens"))]
+    losses = [(loss_at(v["curve"], t, "tokens"), loss_at(b["curve"], t, "tokens")) for (v, b), t in zip(pairs, tokens)]
+    differences = [mine - theirs for mine, theirs in losses if None not in (mine, theirs)]
     return {"equal_tokens": statistics.fmean(differences) if differences else None,
             "equal_tokens_at": statistics.fmean(tokens) if tokens else None,
             "time_to_goal": mean_time_to_goal(runs, [v for v, _ in pairs]),
@@ -494,7 +494,8 @@ def earlier_results(paths: list[Path], setup: dict[str, Any], machine: dict[str,
         try:
             earlier = json.loads(path.read_text(encoding="utf-8"))
             differ = [k for k in SAME_SETUP if earlier.get(k, setup[k]) != setup[k]]
-            differ += [f"machine {k}" for k in SAME_MACHINE if earlier["machine"].get(k, machine.get(k)) != machine.get(k)]
+            differ += [f"machine {k}" for k in SAME_MACHINE
+                       if earlier["machine"].get(k, machine.get(k)) != machine.get(k)]
             if not isinstance(earlier["runs"], dict):
                 raise TypeError("its runs are not a mapping")
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -693,6 +694,7 @@ def merged_runs(entry: dict[str, Any]) -> str:
 
 
 def levers_table(levers: list[dict[str, Any]]) -> Table:
+    to_goal = any("time_to_goal" in lever for lever in levers)  # a column only where runs stopped at the goal
     rows = []
     for lever in levers:
         at_tokens = f" at {lever['equal_tokens_at']:,.0f} tokens" if lever.get("equal_tokens_at") else ""
@@ -702,11 +704,10 @@ def levers_table(levers: list[dict[str, Any]]) -> Table:
                      "n/a" if lever["equal_time"] is None else
                      f"{lever['equal_time']:+.4f} at {lever['equal_time_at']:.0f} s",
                      f"{lever['seconds']:.0f} s / {lever['recipe_seconds']:.0f} s"]
-                    + ([time_to_goal_ratio(lever)] if any("time_to_goal" in x for x in levers) else []))
-    to_goal = (["time to the seed recipe's final loss, variant / recipe"]
-               if any("time_to_goal" in x for x in levers) else [])
+                    + ([time_to_goal_ratio(lever)] if to_goal else []))
     return Table(["variant", "of recipe", "changed", "seeds", "held-out loss", "recipe's", "variant minus recipe, "
-                  "equal tokens", "the same, equal training time", "training time, variant / recipe"] + to_goal, rows,
+                  "equal tokens", "the same, equal training time", "training time, variant / recipe"]
+                 + (["time to the seed recipe's final loss, variant / recipe"] if to_goal else []), rows,
                  caption="Levers: each variant changes one setting of a recipe and is compared with that recipe's "
                          "run on the same seeds. A positive difference means the recipe is ahead: for a variant "
                          "that removes a lever, that the lever wins. Equal training time compares both curves at "
@@ -801,7 +802,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--merge", type=Path, action="append", default=[], help="an earlier --json-out result of the "
                    "same options on this machine, whose runs join this report; repeatable")
     p.add_argument("--stop-at-seed", action="store_true", help="end each run but the seed recipe's and the "
-                   "reference's at the first evaluation reaching the seed recipe's final held-out loss at the same seed")
+                   "reference's at the first evaluation reaching the seed recipe's final held-out loss at the "
+                   "same seed")
     p.add_argument("--note", action="append", default=[], help="a sentence for the report, e.g. what else shared "
                    "the machine; it stays with the result when merged; repeatable")
     p.add_argument("--plot", type=Path, default=None, help="where --update-docs draws the curves (default "
